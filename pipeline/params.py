@@ -31,6 +31,14 @@ def _check_lang(code: str) -> str:
     return code
 
 
+def _check_langs(codes: list[str]) -> list[str]:
+    for code in codes:
+        _check_lang(code)
+    if len(set(codes)) != len(codes):
+        raise ValueError(f"languages {codes} repeat a code")
+    return codes
+
+
 LangCode = Annotated[str, Field(min_length=2, max_length=3)]
 SourceName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
 
@@ -42,14 +50,7 @@ class _SourceBase(Strict):
     parallel: bool = False
     max_lines: Optional[int] = Field(default=None, ge=1)
 
-    @field_validator("languages")
-    @classmethod
-    def _langs(cls, v: list[str]) -> list[str]:
-        for code in v:
-            _check_lang(code)
-        if len(set(v)) != len(v):
-            raise ValueError(f"languages {v} repeat a code")
-        return v
+    _langs = field_validator("languages")(classmethod(lambda cls, v: _check_langs(v)))
 
     @model_validator(mode="after")
     def _parallel_needs_two(self):
@@ -320,6 +321,84 @@ class PretrainParams(Strict):
         return self
 
 
+# ----------------------------------------------------------------------------------------------------------- evaluate
+SuiteName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", max_length=64)]
+
+
+class RetrievalSuite(Strict):
+    """Bitext retrieval on two line-aligned UTF-8 text files (line i of src translates line i of tgt)."""
+
+    name: SuiteName
+    src: str
+    tgt: str
+    src_lang: LangCode
+    tgt_lang: LangCode
+
+    @model_validator(mode="after")
+    def _langs(self):
+        _check_lang(self.src_lang)
+        _check_lang(self.tgt_lang)
+        return self
+
+
+class ClassificationSuite(Strict):
+    """Zero-shot classification: a linear probe trained on `train_lang`'s file, tested on the others."""
+
+    name: SuiteName
+    train_lang: LangCode
+    files: dict[LangCode, str] = Field(description="language -> TSV file of `label<TAB>text` lines")
+
+    @model_validator(mode="after")
+    def _files(self):
+        for code in self.files:
+            _check_lang(code)
+        if self.train_lang not in self.files:
+            raise ValueError(f"train_lang {self.train_lang!r} has no entry in files {sorted(self.files)}")
+        if len(self.files) < 2:
+            raise ValueError("files needs the train language and at least one language to test on")
+        return self
+
+
+class ProbeParams(Strict):
+    steps: int = Field(default=300, ge=1, description="full-batch Adam steps")
+    lr: float = Field(default=0.05, gt=0, le=10)
+    l2: float = Field(default=1e-3, ge=0, description="weight decay of the logistic regression")
+
+
+class EvaluateParams(Strict):
+    layer: Optional[int] = Field(default=None, ge=0, description="pooled layer for retrieval/probes; null = middle")
+    scoring: Literal["cosine", "margin"] = "cosine"
+    margin_k: int = Field(default=4, ge=1)
+    max_retrieval_pairs: int = Field(default=2000, ge=2, description="test pairs per language pair (first by id)")
+    seq_len: int = Field(default=128, ge=8)
+    batch_size: int = Field(default=32, ge=1)
+    max_batches: Optional[int] = Field(default=8, ge=1, description="MLM/TLM/CLM test batches per language or pair")
+    mask_rate: float = Field(default=0.15, gt=0, lt=1)
+    baseline: bool = True
+    seed: int = 1234
+    probe: ProbeParams = ProbeParams()
+    retrieval: list[RetrievalSuite] = []
+    classification: list[ClassificationSuite] = []
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: Optional[int] = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _unique_suites(self):
+        names = [s.name for s in [*self.retrieval, *self.classification]]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"suite names must be unique across retrieval and classification; repeated: {dup}")
+        return self
+
+
+# ------------------------------------------------------------------------------------------------------------- export
+class ExportParams(Strict):
+    name: str = Field(default="xlm-pipeline-encoder", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=96,
+                      description="the model's name in the model card")
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    license: str = Field(default="apache-2.0", min_length=1, max_length=64)
+
+
 # --------------------------------------------------------------------------------------------------------------- root
 _PAIR = re.compile(r"^([a-z]{2,3})-([a-z]{2,3})$")
 
@@ -329,6 +408,8 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "tokenizer": TokenizerParams,
     "shard": ShardParams,
     "pretrain": PretrainParams,
+    "evaluate": EvaluateParams,
+    "export": ExportParams,
 }
 SHARED_KEYS = ("languages", "pairs")
 
@@ -337,14 +418,7 @@ class Shared(Strict):
     languages: list[LangCode] = Field(min_length=1)
     pairs: list[str] = Field(default_factory=list, description="parallel pairs for TLM, e.g. en-fr")
 
-    @field_validator("languages")
-    @classmethod
-    def _langs(cls, v):
-        for code in v:
-            _check_lang(code)
-        if len(set(v)) != len(v):
-            raise ValueError(f"languages {v} repeat a code")
-        return v
+    _langs = field_validator("languages")(classmethod(lambda cls, v: _check_langs(v)))
 
     @model_validator(mode="after")
     def _pairs(self):
@@ -511,4 +585,4 @@ def _cross_check(section: str, validated: BaseModel, shared: Shared, path: str) 
 
 
 # Sections other stages own; they are validated by their own stage when it starts.
-OTHER_SECTIONS: tuple[str, ...] = ("evaluate", "export", "flow")
+OTHER_SECTIONS: tuple[str, ...] = ("flow",)

@@ -1,0 +1,77 @@
+"""The params schema: every problem is one line naming the key path, the bad value and what is allowed."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT, project_env
+from pipeline.errors import PipelineError
+from pipeline.params import SECTIONS, load_params
+
+BASE = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def _load(tmp_path, mutate, section):
+    data = copy.deepcopy(BASE)
+    mutate(data)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_params(section, path)
+
+
+def test_the_shipped_params_validate_for_every_stage():
+    for section in SECTIONS:
+        assert load_params(section, ROOT / "params.yaml").section is not None
+
+
+@pytest.mark.parametrize("mutate, section, expected", [
+    (lambda d: d["clean"].update(min_char=3), "clean", "unknown key 'clean.min_char'; allowed keys: batch_rows"),
+    (lambda d: d["clean"].update(min_chars=-1), "clean", "clean.min_chars = -1: Input should be greater than or equal to 1"),
+    (lambda d: d["clean"].update(normalization="NFD"), "clean", "clean.normalization = 'NFD': Input should be 'NFC' or 'NFKC'"),
+    (lambda d: d["tokenizer"].update(vocab_size="big"), "tokenizer", "tokenizer.vocab_size = 'big': Input should be a valid integer"),
+    (lambda d: d["pretrain"]["optimizer"].update(lr=5), "pretrain", "pretrain.optimizer.lr = 5: Input should be less than or equal to 1"),
+    (lambda d: d["download"]["sources"][0].update(kind="ftp"), "download", "download.sources[0].kind = 'ftp': unknown kind; allowed: 'url', 'local', 'pypi'"),
+    (lambda d: d.pop("shard"), "shard", "missing section 'shard'"),
+    (lambda d: d.update(cleen={}), "clean", "unknown top-level key 'cleen'"),
+    (lambda d: d.update(languages=["en", "eng"]), "clean", "unknown language code 'eng'"),
+    (lambda d: d.update(pairs=["en-de"]), "clean", "pairs: 'en-de' uses 'de', which is not in languages"),
+    (lambda d: d["pretrain"]["masking"].update(mask=0.5), "pretrain", "mask + random + keep must be 1"),
+])
+def test_errors_name_key_value_and_what_is_allowed(tmp_path, mutate, section, expected):
+    with pytest.raises(PipelineError) as info:
+        _load(tmp_path, mutate, section)
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_stage_validates_only_its_own_section(tmp_path):
+    # a typo in the evaluate/pretrain section does not stop clean from running
+    params = _load(tmp_path, lambda d: d["pretrain"].update(stepz=3), "clean")
+    assert params.clean.min_chars == BASE["clean"]["min_chars"]
+    with pytest.raises(PipelineError, match="pretrain.stepz"):
+        _load(tmp_path, lambda d: d["pretrain"].update(stepz=3), "pretrain")
+
+
+def test_stage_cli_prints_one_error_line_and_exits_2(tmp_path):
+    data = copy.deepcopy(BASE)
+    data["clean"]["min_chars"] = "three"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.clean", "--params", str(tmp_path / "params.yaml"),
+                           "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "clean")],
+                          capture_output=True, text=True, env=project_env(), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: [clean] {tmp_path / 'params.yaml'}: clean.min_chars = 'three': Input should be a valid integer, "
+        "unable to parse string as an integer"]
+
+
+def test_xlm_cli_lists_every_stage():
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True,
+                          env=project_env())
+    assert proc.returncode == 0
+    for stage in ("download", "clean", "tokenizer", "shard", "pretrain", "evaluate", "export", "flow"):
+        assert stage in proc.stdout
