@@ -1,0 +1,148 @@
+"""Training checkpoints that survive being killed at any instant.
+
+Layout of one checkpoint, ``<root>/step-000001200/``:
+
+- ``model.safetensors``: the weights (safetensors: no pickle, safe to hand to anyone);
+- ``state.pt``: optimizer, scheduler and RNG tensors, saved with ``torch.save`` of plain containers and loaded with
+  ``torch.load(weights_only=True)`` (no arbitrary code on load);
+- ``meta.json``: step, the training fingerprint, the model config and any JSON state (data loader position, counters);
+- ``COMMIT``: written last, holding the size and sha256 of every other file.
+
+The folder is written under a temporary name and renamed into place; a checkpoint counts only when its COMMIT
+marker is present and matches the files, so one killed mid-write (or truncated later by a full disk) is ignored and
+the previous one is used. Only the newest ``keep_last`` are kept.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from xlm_core.atomic import atomic_dir, disk_full_reason, is_disk_full, sha256_file
+
+_NAME = re.compile(r"^step-(\d{9})$")
+COMMIT = "COMMIT"
+FILES = ("model.safetensors", "state.pt", "meta.json")
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be used (damaged, or written by a different configuration) or written (disk full)."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    model: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step-{step:09d}"
+
+
+def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Tensor], state: dict[str, Any],
+                    meta: dict[str, Any], keep_last: int = 2) -> Path:
+    """Write checkpoint ``step`` atomically, then prune all but the newest ``keep_last`` committed ones."""
+    root = Path(root)
+    target = checkpoint_dir(root, step)
+    # Tied weights share storage; safetensors refuses shared tensors, so store contiguous copies by name.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()}
+    try:
+        with atomic_dir(target) as tmp:
+            save_file(tensors, str(tmp / "model.safetensors"))
+            with open(tmp / "state.pt", "wb") as fh:  # a file object: a full disk then surfaces as its OSError
+                torch.save(state, fh)
+            (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True) + "\n")
+            digest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+                      for name in FILES}
+            (tmp / COMMIT).write_text(json.dumps(digest, indent=2, sort_keys=True) + "\n")
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        newest = latest_checkpoint(root)
+        raise CheckpointError(
+            f"disk full while writing checkpoint {target} ({disk_full_reason(exc)}); free space on the disk holding "
+            f"{root} and run again: training resumes from "
+            f"{newest.name if newest is not None else 'the start (no complete checkpoint yet)'}") from None
+    prune(root, keep_last)
+    return target
+
+
+def is_committed(path: Path, verify_hash: bool = True) -> bool:
+    marker = path / COMMIT
+    try:
+        digest = json.loads(marker.read_text())
+        for name in FILES:
+            f = path / name
+            if f.stat().st_size != digest[name]["bytes"]:
+                return False
+            if verify_hash and sha256_file(f) != digest[name]["sha256"]:
+                return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """All checkpoint folders by step (committed or not), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = _NAME.match(child.name)
+        if m and child.is_dir():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest checkpoint whose COMMIT marker matches its files; damaged or half-written ones are skipped."""
+    for _step, path in reversed(list_checkpoints(root)):
+        if is_committed(path):
+            return path
+    return None
+
+
+def prune(root: str | Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` committed checkpoints, plus leftovers of killed writes."""
+    root = Path(root)
+    committed = [p for _s, p in list_checkpoints(root) if is_committed(p, verify_hash=False)]
+    for path in committed[:-keep_last] if keep_last > 0 else committed:
+        shutil.rmtree(path, ignore_errors=True)
+    if root.is_dir():
+        for child in root.iterdir():
+            if ".tmp-" in child.name or ".old-" in child.name:
+                shutil.rmtree(child, ignore_errors=True)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    path = Path(path)
+    if not is_committed(path):
+        raise CheckpointError(f"checkpoint {path} is incomplete or damaged (its COMMIT marker does not match its "
+                              f"files); delete it to fall back to an earlier one")
+    try:
+        model = load_file(str(path / "model.safetensors"), device=str(map_location))
+        state = torch.load(path / "state.pt", map_location=map_location, weights_only=True)
+        meta = json.loads((path / "meta.json").read_text())
+    except Exception as exc:  # damaged in a way the sizes and hashes did not reveal
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); delete it") from exc
+    return Checkpoint(path=path, step=int(meta["step"]), model=model, state=state, meta=meta)
+
+
+def clear(root: str | Path) -> int:
+    """Remove every checkpoint under ``root`` (used when training restarts with different settings)."""
+    removed = 0
+    for _step, path in list_checkpoints(root):
+        shutil.rmtree(path, ignore_errors=True)
+        removed += 1
+    prune(root, keep_last=0)
+    return removed

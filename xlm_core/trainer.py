@@ -1,0 +1,151 @@
+"""A small trainer: one optimizer step over a list of micro-batches, with the guards long runs need.
+
+It knows nothing of the pipeline, DVC or Prefect. Parallelism (DDP/FSDP) and compilation are applied to the model
+from outside; the trainer only asks the wrapped module not to sync gradients between accumulation micro-steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite losses in a row: continuing would only waste compute."""
+
+
+def lr_multiplier(schedule: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
+    """Linear warm-up, then the chosen decay; the returned function maps a step (0-based) to a factor of the peak lr.
+
+    ``inverse_sqrt`` is XLM's: after warm-up the factor is sqrt(warmup / step).
+    """
+    warmup_steps = max(0, warmup_steps)
+
+    def factor(step: int) -> float:
+        s = step + 1
+        if warmup_steps and s <= warmup_steps:
+            return s / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        if schedule == "inverse_sqrt":
+            return math.sqrt(max(1, warmup_steps) / s)
+        progress = min(1.0, (s - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "linear":
+            decay = 1.0 - progress
+        elif schedule == "cosine":
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        else:
+            raise ValueError(f"unknown schedule {schedule!r}")
+        return min_ratio + (1.0 - min_ratio) * decay
+
+    return factor
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    skipped: bool
+    lr: float
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """Owns the optimizer and scheduler around a (possibly wrapped) model.
+
+    ``loss_fn(model, micro_batch) -> (loss, logs)`` computes one micro-batch's loss; the trainer scales it by the
+    number of micro-batches so gradients equal those of the whole batch at once.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler,
+                 loss_fn: Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]],
+                 clip_norm: float = 1.0, autocast_dtype: torch.dtype | None = None, max_bad_steps: int = 5):
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.loss_fn = loss_fn
+        self.clip_norm = clip_norm
+        self.autocast_dtype = autocast_dtype
+        self.max_bad_steps = max_bad_steps
+        self.step = 0                 # optimizer steps taken (skipped ones included: the data moved on)
+        self.bad_in_a_row = 0
+        self.skipped_total = 0
+
+    def _autocast(self, device_type: str):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device_type, dtype=self.autocast_dtype)
+
+    def train_step(self, micro_batches: Sequence[Any], device_type: str = "cpu") -> StepResult:
+        self.model.train()
+        n = len(micro_batches)
+        total = torch.zeros((), device=next(self.model.parameters()).device)
+        logs: dict[str, float] = {}
+        for i, mb in enumerate(micro_batches):
+            sync = (i == n - 1) or not hasattr(self.model, "no_sync")
+            ctx = contextlib.nullcontext() if sync else self.model.no_sync()
+            with ctx:
+                with self._autocast(device_type):
+                    loss, mb_logs = self.loss_fn(self.model, mb)
+                (loss / n).backward()
+            total += loss.detach() / n
+            for k, v in mb_logs.items():
+                logs[k] = logs.get(k, 0.0) + v / n
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(total, op=dist.ReduceOp.AVG)
+        if self.clip_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
+        else:
+            grad_norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None]))
+        loss_value = float(total)
+        lr = self.optimizer.param_groups[0]["lr"]
+        finite = math.isfinite(loss_value) and math.isfinite(float(grad_norm))
+        if finite:
+            self.optimizer.step()
+            self.bad_in_a_row = 0
+        else:
+            self.bad_in_a_row += 1
+            self.skipped_total += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        if self.bad_in_a_row >= self.max_bad_steps:
+            raise TrainingDiverged(
+                f"loss was not finite for {self.bad_in_a_row} steps in a row (last at step {self.step}); lower "
+                f"pretrain.optimizer.lr, set pretrain.optimizer.clip_norm, or use dtype fp32")
+        return StepResult(loss=loss_value, grad_norm=float(grad_norm), skipped=not finite, lr=lr, logs=logs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "bad_in_a_row": self.bad_in_a_row,
+            "skipped_total": self.skipped_total,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.bad_in_a_row = int(state["bad_in_a_row"])
+        self.skipped_total = int(state["skipped_total"])
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
