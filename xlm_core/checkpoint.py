@@ -15,8 +15,10 @@ the previous one is used. Only the newest ``keep_last`` are kept.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,11 +119,19 @@ def prune(root: str | Path, keep_last: int) -> None:
     root = Path(root)
     committed = [p for _s, p in list_checkpoints(root) if is_committed(p, verify_hash=False)]
     for path in committed[:-keep_last] if keep_last > 0 else committed:
-        shutil.rmtree(path, ignore_errors=True)
+        _delete(path)
     if root.is_dir():
         for child in root.iterdir():
             if ".tmp-" in child.name or ".old-" in child.name:
                 shutil.rmtree(child, ignore_errors=True)
+
+
+def _delete(path: Path) -> None:
+    """Rename, then delete: a kill during the deletion leaves a ``.old-`` folder the next prune removes, never a
+    half-deleted ``step-*`` folder that would stay in data/checkpoints for good."""
+    trash = path.with_name(f"{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -142,7 +152,7 @@ def clear(root: str | Path) -> int:
     """Remove every checkpoint under ``root`` (used when training restarts with different settings)."""
     removed = 0
     for _step, path in list_checkpoints(root):
-        shutil.rmtree(path, ignore_errors=True)
+        _delete(path)
         removed += 1
     prune(root, keep_last=0)
     return removed

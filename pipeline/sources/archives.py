@@ -18,6 +18,7 @@ import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional
@@ -136,6 +137,15 @@ def unsafe_member_reason(name: str) -> Optional[str]:
     return None
 
 
+# What gzip / bz2 / xz raise on corrupt or truncated data (gzip.BadGzipFile is an OSError).
+DECOMPRESSION_ERRORS = (EOFError, OSError, lzma.LZMAError, zlib.error)
+
+
+def corrupt_data(label: str, name: str, exc: BaseException, after: str = "") -> PipelineError:
+    return PipelineError(f"{label}: {name}: corrupt or truncated compressed data{after} ({exc}); download it again "
+                         f"or check the file")
+
+
 def _refuse(label: str, archive: str, member: str, reason: str) -> PipelineError:
     return PipelineError(f"{label}: {archive}: refusing archive member {member!r}: {reason} could write outside the "
                          f"target folder; the archive is unsafe, use another download")
@@ -152,8 +162,11 @@ def open_members(stream: BinaryIO, name: str, wanted: dict[str, Selector], work_
     """
     with contextlib.ExitStack() as stack:
         stack.callback(stream.close)
-        inner, layers = decompress(stream)
-        head, inner = _peek(inner, TAR_BLOCK)
+        try:  # the first bytes are decompressed here already: a small corrupt file fails now
+            inner, layers = decompress(stream)
+            head, inner = _peek(inner, TAR_BLOCK)
+        except DECOMPRESSION_ERRORS as exc:
+            raise corrupt_data(label, name, exc) from None
         if head.startswith(ZIP_MAGIC):
             if layers or path is None:
                 if path is None and not layers:
@@ -243,6 +256,8 @@ def _open_tar_members(stream: BinaryIO, name: str, wanted: dict[str, Selector], 
                 copies[info.name] = target
     except tarfile.TarError as exc:
         raise PipelineError(f"{label}: {name}: corrupt tar archive ({exc}); the download may be truncated") from None
+    except (EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile) as exc:  # the compression around the tar
+        raise corrupt_data(label, name, exc) from None
     members = {}
     for key, member in _select(files, wanted, name, label).items():
         raw = stack.enter_context(open(copies[member], "rb"))

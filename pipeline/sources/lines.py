@@ -1,14 +1,14 @@
 """From raw byte lines to ``data/raw/<source>/<lang>.tsv`` rows (``<source>:<key><TAB>text``).
 
-A line that is not valid UTF-8 or holds a NUL byte is dropped and counted, never fatal; a blank segment is dropped
-and counted too. The line number keeps counting over dropped lines, so ids stay aligned across the files of a
+A line that is not valid UTF-8, holds a NUL byte or is longer than ``MAX_LINE_BYTES`` is dropped and counted, never
+fatal; a blank segment is dropped and counted too. An over-long line is skipped in bounded chunks, never held whole:
+a file without line breaks (a minified JSON, a binary mistaken for text) would otherwise need several times its size
+in memory. The line number keeps counting over dropped lines, so ids stay aligned across the files of a
 parallel source ("a segment missing in one language is simply absent from that file").
 """
 from __future__ import annotations
 
-import lzma
 import sys
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Iterable, Iterator, Optional
@@ -16,11 +16,14 @@ from typing import Callable, ContextManager, Iterable, Iterator, Optional
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.sources.archives import Member
+from pipeline.sources.archives import DECOMPRESSION_ERRORS, Member, corrupt_data
 
 # Everything a later reader could take for a line break (str.splitlines' set) becomes a space.
 _ONE_LINE = str.maketrans(dict.fromkeys("\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029", " "))
 _PROGRESS_EVERY = 4096
+# Longer lines are no sentence: dropped (``long_lines`` in the manifest). clean.max_chars drops far shorter ones.
+MAX_LINE_BYTES = 1 << 24
+_SKIP_CHUNK = 1 << 20
 
 
 def one_line(text: str) -> str:
@@ -32,7 +35,8 @@ def one_line(text: str) -> str:
 class FileLine:
     file: str     # name for messages (path, URL, archive:member)
     number: int   # 1-based line number within that file
-    raw: bytes
+    raw: bytes    # the line with its line end; empty when too_long
+    too_long: bool = False
 
 
 class SegmentSink:
@@ -44,6 +48,7 @@ class SegmentSink:
         self._files = {lang: open(folder / f"{lang}.tsv", "w", encoding="utf-8", newline="\n") for lang in languages}
         zero = dict.fromkeys(languages, 0)
         self.counts, self.invalid_utf8, self.nul, self.empty = dict(zero), dict(zero), dict(zero), dict(zero)
+        self.long = dict(zero)
 
     def write(self, lang: str, key: str, text: str) -> None:
         text = one_line(text)
@@ -82,15 +87,25 @@ def file_lines(open_member: Callable[[], ContextManager[Member]], label: str) ->
     with open_member() as member:
         number = 0
         try:
-            for raw in member.stream:
+            for raw, too_long in bounded_lines(member.stream):
                 number += 1
-                yield FileLine(member.name, number, raw)
-        except (EOFError, OSError, lzma.LZMAError, zlib.error) as exc:  # gzip/bz2/xz errors are among these
-            raise PipelineError(f"{label}: {member.name}: corrupt or truncated compressed data after line {number} "
-                                f"({exc}); download it again or check the file") from None
+                yield FileLine(member.name, number, raw, too_long)
+        except DECOMPRESSION_ERRORS as exc:
+            raise corrupt_data(label, member.name, exc, after=f" after line {number}") from None
         if number == 0:
             raise PipelineError(f"{label}: {member.name} is empty (no lines); check the URL/path, or remove this "
                                 f"source from params.yaml")
+
+
+def bounded_lines(stream, limit: int = MAX_LINE_BYTES) -> Iterator[tuple[bytes, bool]]:
+    """``(line, False)`` per line of ``stream``, or ``(b"", True)`` for one over ``limit`` bytes (line end aside)."""
+    while raw := stream.readline(limit + 1):
+        if len(raw) <= limit or raw.endswith(b"\n") and len(raw) == limit + 1:
+            yield raw, False
+            continue
+        while (rest := stream.readline(_SKIP_CHUNK)) and not rest.endswith(b"\n"):
+            pass
+        yield b"", True
 
 
 def chain(files: Iterable[Iterator[FileLine]]) -> Iterator[FileLine]:
@@ -115,6 +130,10 @@ def _decode(raw: bytes, first_line: bool) -> Optional[str]:
 
 def _add(sink: SegmentSink, channel: Channel, key: str, line: FileLine, label: str) -> None:
     langs = channel.fields
+    if line.too_long:
+        for lang in langs:
+            sink.long[lang] += 1
+        return
     if b"\x00" in line.raw:
         for lang in langs:
             sink.nul[lang] += 1
