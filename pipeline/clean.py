@@ -1,15 +1,17 @@
 """clean stage: data/raw -> data/clean (normalise, filter, de-duplicate, split without leakage, join pairs).
 
-The work runs in four steps, each over independent units so a task runner can fan them out later (issue 7); every
-unit writes its result to its own scratch file and the order results are combined in is fixed by the plan, so the
-output bytes do not depend on execution order:
+The work runs in four steps; steps 1, 2 and 4 are independent units that ``pipeline.fanout`` runs on
+``clean.task_runner`` (a thread pool, or a Dask cluster). Every unit writes its result to its own scratch file and
+the order results are combined in is fixed by the plan, so the output bytes do not depend on the runner or on
+execution order:
 
 1. ``clean_file`` per raw file (source x language): decode line by line, normalise, per-segment filters, split by id.
 2. ``dedup_language`` per language: exact de-duplication across that language's sources (first occurrence wins, in
    source order), and the keys of the language's valid/test texts.
 3. ``write_mono``: drop training rows whose text is any valid/test text of any language (``leak``), write the mono
    splits, and load the parallel sources' final segments into an on-disk id index.
-4. ``write_pairs``: join each configured pair on id, apply the pair filters, write the para splits.
+4. ``join_pair`` per configured pair and parallel source: join on id, apply the pair filters; ``write_pairs``
+   appends the units' rows to the para splits in plan order.
 
 Memory stays flat in corpus size: rows stream in small batches (outputs are written in row groups of
 ``clean.batch_rows``), de-duplication keys and the pair join live in scratch sqlite files, and only the keys of
@@ -34,7 +36,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from concurrent.futures import Executor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -45,6 +48,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.errors import fail, run_cli
+from pipeline.fanout import FanOut, run_stage
 from pipeline.params import PARAMS_FILE, CleanParams, StageParams, load_params
 from xlm_core.atomic import atomic_dir, write_json
 from xlm_core.text import expected_scripts, normalize_text, ratio_length, script_fractions, text_key
@@ -294,6 +298,13 @@ class SegmentStore:
         self._db.execute("CREATE TABLE seg (source TEXT, lang TEXT, id TEXT, split INTEGER, text TEXT, "
                          "dropped_by TEXT)")
         self._db.execute("BEGIN")
+
+    @classmethod
+    def reader(cls, path: Path) -> "SegmentStore":
+        """A read-only connection to a finished store: each pair unit (step 4) opens its own."""
+        store = cls.__new__(cls)
+        store._db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, isolation_level=None)
+        return store
 
     def add(self, source: str, lang: str, rows: Iterator[tuple]) -> None:
         """rows: (id, split, text or None, dropped_by or None)."""
@@ -568,16 +579,46 @@ def _pair_verdict(src: str, tgt: str, cfg: CleanParams) -> str | None:
     return None
 
 
-def write_pairs(plan: Plan, store: SegmentStore, out_dir: Path,
+@dataclass
+class PairResult:
+    counts: Counts
+    paths: tuple[Path, ...]  # its kept rows per split: scratch Parquet files (PARA_SCHEMA)
+
+
+def join_pair(store_path: Path, source: str, src_lang: str, tgt_lang: str, cfg: CleanParams,
+              work_dir: Path) -> PairResult:
+    """Step 4 for one configured pair of one parallel source: join on id, apply the pair filters, and write the kept
+    rows of each split to a scratch file (a unit: it only reads the finished SegmentStore)."""
+    paths = tuple(work_dir / f"para.{source}.{src_lang}-{tgt_lang}.{split}.parquet" for split in SPLITS)
+    store = SegmentStore.reader(store_path)
+    try:
+        with contextlib.ExitStack() as stack:
+            sinks = [stack.enter_context(ParquetSink(path, PARA_SCHEMA, _work_rows(cfg), scratch=True))
+                     for path in paths]
+            counts = _join_pair(store, source, src_lang, tgt_lang, cfg, sinks)
+    finally:
+        store.close()
+    return PairResult(counts, paths)
+
+
+def write_pairs(fan: FanOut, plan: Plan, store_path: Path, work_dir: Path, out_dir: Path,
                 cfg: CleanParams) -> dict[tuple[str, str, str], Counts]:
-    """Step 4: para/{split}.parquet, for each configured pair (params order) and its parallel sources (manifest
-    order); returns the counts per (source, src_lang, tgt_lang)."""
+    """Step 4: join each configured pair (params order) of each of its parallel sources (manifest order) as
+    independent units, then append their rows to para/{split}.parquet in that order; returns the counts per
+    (source, src_lang, tgt_lang)."""
+    keys = [(source, s, t) for (s, t), sources in plan.pair_sources.items() for source in sources]
+    joined = fan.map(join_pair, [(store_path, *key, cfg, work_dir) for key in keys],
+                     names=[f"join {source} {s}-{t}" for source, s, t in keys])
     (out_dir / "para").mkdir()
     with contextlib.ExitStack() as stack:
         sinks = [stack.enter_context(ParquetSink(out_dir / "para" / f"{name}.parquet", PARA_SCHEMA, cfg.batch_rows))
                  for name in SPLITS]
-        return {(source, s, t): _join_pair(store, source, s, t, cfg, sinks)
-                for (s, t), sources in plan.pair_sources.items() for source in sources}
+        for result in joined:
+            for sink, path in zip(sinks, result.paths):
+                for table in _read_scratch(path):
+                    sink.write(table)
+                path.unlink()
+    return {key: result.counts for key, result in zip(keys, joined)}
 
 
 def _join_pair(store: SegmentStore, source: str, src_lang: str, tgt_lang: str, cfg: CleanParams,
@@ -664,44 +705,55 @@ def _metrics(files: Sequence[FileResult], pair_counts: dict[tuple[str, str, str]
 
 
 def clean(params: StageParams, raw_dir: str | Path = "data/raw", out_dir: str | Path = "data/clean",
-          metrics_path: str | Path = "metrics/clean.json") -> dict:
+          metrics_path: str | Path = "metrics/clean.json", executor: Executor | None = None) -> dict:
     """Build ``out_dir`` (mono/ and para/ splits) from ``raw_dir``; write and return the metrics.
 
     ``out_dir`` is replaced as a whole only on success; on any error the previous output and metrics are untouched.
+    The units of steps 1, 2 and 4 run on ``clean.task_runner`` (pipeline.fanout), or on ``executor`` when given;
+    the bytes written are the same either way.
     """
     plan = plan_work(params, raw_dir)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    # Scratch files live next to the output and are named like atomic_dir's temporaries (<name>.tmp-<pid>-...), so
-    # a killed run's leftovers are cleared by the next one.
-    scratch = tempfile.TemporaryDirectory(prefix=f"{out_dir.name}.tmp-{os.getpid()}-work-", dir=out_dir.parent)
-    with scratch as work, atomic_dir(out_dir) as staging:
-        metrics = _run(params, plan, Path(work), staging)
+
+    def stage(fan: FanOut) -> dict:
+        # Scratch files live next to the output and are named like atomic_dir's temporaries (<name>.tmp-<pid>-...),
+        # so a killed run's leftovers are cleared by the next one. Units get absolute paths (Dask workers may run
+        # in another folder).
+        scratch = tempfile.TemporaryDirectory(prefix=f"{out_dir.name}.tmp-{os.getpid()}-work-", dir=out_dir.parent)
+        with scratch as work, atomic_dir(out_dir) as staging:
+            return _run(fan, params, plan, Path(work).absolute(), staging)
+
+    metrics = run_stage("clean", params.clean, stage, workers=os.cpu_count() or 1, executor=executor)
     write_json(metrics_path, metrics)
     _report(metrics, time.monotonic() - started)
     return metrics
 
 
-def _run(params: StageParams, plan: Plan, work: Path, out_dir: Path) -> dict:
+def _run(fan: FanOut, params: StageParams, plan: Plan, work: Path, out_dir: Path) -> dict:
     cfg: CleanParams = params.clean
-    # Step 1: independent per raw file (the fan-out point for a task runner).
-    cleaned = [clean_file(raw, cfg, work / f"{raw.source}.{raw.lang}.parquet") for raw in plan.files]
+    # Step 1: independent units, one per raw file.
+    raws = [replace(raw, path=raw.path.absolute()) for raw in plan.files]
+    cleaned = fan.map(clean_file, [(raw, cfg, work / f"{raw.source}.{raw.lang}.parquet") for raw in raws],
+                      names=[f"clean_file {raw.source}/{raw.lang}" for raw in raws])
     _check_languages_left(params.languages, cleaned, lambda c: c.remaining)
-    # Step 2: independent per language; within a language the files stay in plan (source) order.
-    by_lang = [dedup_language(lang, [r for r in cleaned if r.raw.lang == lang], cfg, work)
-               for lang in params.languages]
+    # Step 2: independent units, one per language; within a language the files stay in plan (source) order.
+    by_lang = fan.map(dedup_language, [(lang, [r for r in cleaned if r.raw.lang == lang], cfg, work)
+                                       for lang in params.languages],
+                      names=[f"dedup_language {lang}" for lang in params.languages])
     files = [f for r in by_lang for f in r.files]
     heldout = np.unique(np.concatenate([r.heldout_keys for r in by_lang]))
-    # Steps 3 and 4 need every language's valid/test keys, and write the output files in plan order.
+    # Step 3 needs every language's valid/test keys, and writes the mono files in plan order: one sequential pass.
     store = SegmentStore(work / "pairs.sqlite")
     try:
         write_mono(files, heldout, out_dir, cfg, store, plan)
         _check_languages_left(params.languages, files, lambda c: sum(c.rows_out))
         store.finish()
-        pair_counts = write_pairs(plan, store, out_dir, cfg)
     finally:
         store.close()
+    # Step 4: independent units, one per pair and parallel source, reading the finished store.
+    pair_counts = write_pairs(fan, plan, work / "pairs.sqlite", work, out_dir, cfg)
     _check_pairs_left(plan, pair_counts)
     return _metrics(files, pair_counts, params)
 
