@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     tokens = args.batch * args.seq
     threads = torch.get_num_threads()
+    if args.dtype == "bf16" and not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        print(f"warning: CPU capability {torch.backends.cpu.get_cpu_capability()} has no native bf16 matmul; "
+              f"bf16 steps will be 10-100x slower than fp32 here", file=sys.stderr)
     peak = args.peak_gflops or {"fp32": 185.0, "bf16": 410.0}[args.dtype] * min(threads, 2) / 2
     times = interleaved_times(candidates(args), args.warmup, args.repeats)
     flops_model = XLMModel(model_config(args, 0.0))
