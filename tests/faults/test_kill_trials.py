@@ -1,0 +1,85 @@
+"""SIGKILL `dvc repro` at a random moment, rerun it, and get exactly what a clean run gives (bench/fault_trials.py).
+
+The default suite runs one quick trial: the project built up to `tokenizer` beforehand, `dvc repro shard` killed
+inside the shard stage and rerun. The slow test runs three trials over every stage through the script's command
+line, as CI does; pretrain's resume after a kill is also in tests/test_pretrain.py::test_exact_resume_after_sigkill
+and tests/faults/test_stage_faults.py::test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one.
+"""
+from __future__ import annotations
+
+import importlib.util
+import io
+import sys
+
+import pytest
+
+from conftest import ROOT, project_env, run
+
+
+def _load_fault_trials():
+    spec = importlib.util.spec_from_file_location("fault_trials", ROOT / "bench" / "fault_trials.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fault_trials"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+fault_trials = _load_fault_trials()
+
+
+def test_shard_killed_and_rerun_matches_a_clean_run(tmp_path):
+    out = io.StringIO()
+    # seed 0 kills ~3/4 into the stage (its announcement to DVC's lock update): shards or DVC's caching under way
+    (trial,) = fault_trials.run_trials(1, seed=0, workdir=tmp_path, stages=["shard"], upto="tokenizer",
+                                       target="shard", out=out)
+    report = out.getvalue()
+    assert trial.killed_at is not None, report
+    assert trial.mismatches == [] and trial.corrupt_in_lock == [], report
+    assert "1 trials, 0 mismatches, 0 corrupt outputs recorded in dvc.lock" in report
+
+
+def test_a_mismatch_is_detected(tmp_path):
+    """The comparison is not vacuous: one changed byte of a shard, one timing-free metric, one lock hash."""
+    proj = tmp_path / "p"
+    (proj / "data" / "shards").mkdir(parents=True)
+    (proj / "data" / "shards" / "a.parquet").write_bytes(b"abc")
+    (proj / "metrics").mkdir()
+    (proj / "metrics" / "pretrain.json").write_text('{"seconds": 1.0, "resumed_from": 0, "valid": {"x": 1}}')
+    (proj / "dvc.lock").write_text("schema: '2.0'\nstages:\n  shard:\n    outs:\n    - path: data/shards\n"
+                                   "      md5: aaa.dir\n")
+    reference = fault_trials.snapshot(proj)
+    (proj / "metrics" / "pretrain.json").write_text('{"seconds": 9.0, "resumed_from": 5, "valid": {"x": 1}}')
+    assert fault_trials.differences(reference, fault_trials.snapshot(proj)) == []   # timings only: no mismatch
+    (proj / "data" / "shards" / "a.parquet").write_bytes(b"abd")
+    (proj / "metrics" / "pretrain.json").write_text('{"seconds": 9.0, "resumed_from": 5, "valid": {"x": 2}}')
+    (proj / "dvc.lock").write_text((proj / "dvc.lock").read_text().replace("aaa", "bbb"))
+    (proj / "data" / "shards.tmp-1-dead").mkdir()
+    (proj / "data" / "shards.tmp-1-dead" / "x").write_text("left over")
+    assert fault_trials.differences(reference, fault_trials.snapshot(proj)) == [
+        "differs content metrics/pretrain.json", "extra file data/shards.tmp-1-dead/x",
+        "differs file data/shards/a.parquet", "differs lock shard:outs:data/shards"]
+
+
+def test_curves_cut_by_a_kill_are_truncated_to_the_resumed_checkpoint(tmp_path):
+    """dvclive appends rows as training goes: a kill leaves rows past the checkpoint, maybe a half-written one."""
+    from pipeline.pretrain import _truncate_live
+
+    train = tmp_path / "plots" / "metrics" / "train"
+    train.mkdir(parents=True)
+    (train / "loss.tsv").write_text("timestamp\tstep\tloss\n1\t5\t4.5\n2\t10\t4.1\n3\t15\t3.9\n4\t20\t3.")
+    (train / "lr.tsv").write_text("timestamp\tstep\tlr\n1\t5\t0.001\n2\t10\t0.002\n")
+    (train / "mfu.tsv").write_text("times")                      # killed while writing the header
+    _truncate_live(tmp_path, 10)
+    assert (train / "loss.tsv").read_text() == "timestamp\tstep\tloss\n1\t5\t4.5\n2\t10\t4.1\n"
+    assert (train / "lr.tsv").read_text() == "timestamp\tstep\tlr\n1\t5\t0.001\n2\t10\t0.002\n"
+    assert not (train / "mfu.tsv").exists()
+    assert sorted(p.name for p in train.iterdir()) == ["loss.tsv", "lr.tsv"]   # no temporary left
+
+
+@pytest.mark.slow   # ~4 min on 2 busy cores: a reference run and three killed-and-rerun ones
+def test_three_trials_over_every_stage_through_the_script(tmp_path):
+    proc = run([sys.executable, str(ROOT / "bench" / "fault_trials.py"), "--trials", "3", "--seed", "11",
+                "--workdir", str(tmp_path)], ROOT, check=False, env=project_env(), timeout=1800)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.count(": match") == 3, proc.stdout
+    assert "3 trials, 0 mismatches, 0 corrupt outputs recorded in dvc.lock" in proc.stdout
