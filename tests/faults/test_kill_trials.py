@@ -27,6 +27,9 @@ def _load_fault_trials():
 fault_trials = _load_fault_trials()
 
 
+# Slow job only: where the kill lands depends on the machine's speed, and a kill while DVC itself rewrites dvc.lock
+# was seen once to leave a lock DVC then rejects ("required key not provided, in schema"); see docs/errors.md.
+@pytest.mark.slow
 def test_shard_killed_and_rerun_matches_a_clean_run(tmp_path):
     out = io.StringIO()
     # seed 0 kills ~3/4 into the stage (its announcement to DVC's lock update): shards or DVC's caching under way
