@@ -66,6 +66,9 @@ THROUGHPUT_SERIES = ("tokens_per_s", "mfu", "hfu")
 COMPARED_DIRS = ("data", "metrics", "reports")
 NOT_OUTPUTS = ("data/.download-cache",)
 
+# Pretrain steps: enough that training (a checkpoint every 5 steps, 2 kept) is a good part of the stage's time, not
+# only its start-up, so kills land between checkpoints and in their writes and pruning too.
+DEFAULT_STEPS = 200
 LANGUAGES = ["en", "fr", "ru"]
 PAIRS = ["en-fr", "en-ru"]
 # One word per concept and language, so line k of every language says the same thing (a multi-parallel corpus).
@@ -102,7 +105,7 @@ def write_corpus(path: Path, lines: int = 300, seed: int = 0) -> None:
         fh.write(b"\n".join(rows) + b"\n")
 
 
-def fixture_params(steps: int = 30) -> dict:
+def fixture_params(steps: int = DEFAULT_STEPS) -> dict:
     """This checkout's params.yaml, shrunk: the fixture corpus, a 200-piece vocabulary, the tiny model."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     params["languages"] = list(LANGUAGES)
@@ -118,7 +121,7 @@ def fixture_params(steps: int = 30) -> dict:
         seq_len=32, batch_size=8, accum_steps=1, objectives={"mlm": 1.0, "tlm": 0.5},
         adversarial={"weight": 0.1, "lambda_max": 0.5, "warmup_steps": 5, "hidden": 32},
         optimizer={**params["pretrain"]["optimizer"], "lr": 0.002, "warmup_steps": 5},
-        steps=steps, eval_every=15, eval_batches=2, checkpoint_every=5, keep_checkpoints=2, log_every=5,
+        steps=steps, eval_every=50, eval_batches=2, checkpoint_every=5, keep_checkpoints=2, log_every=5,
         dtype="fp32", device="cpu", threads=1)
     if "evaluate" in params:
         params["evaluate"].update(seq_len=32, batch_size=8, max_batches=2, max_retrieval_pairs=50,
@@ -143,7 +146,7 @@ def _check(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return proc
 
 
-def make_project(proj: Path, steps: int = 30, lines: int = 300) -> Path:
+def make_project(proj: Path, steps: int = DEFAULT_STEPS, lines: int = 300) -> Path:
     """A git + DVC repo with this checkout's pipeline and the fixture params, before any output."""
     proj.mkdir(parents=True)
     _check(["git", "init", "-q"], proj)
@@ -462,7 +465,7 @@ def build_reference(workdir: Path, steps: int, upto: str | None = None,
     return template, reference, {"durations": stage_durations(run, stages), "seconds": run.seconds}
 
 
-def run_trials(trials: int, seed: int, workdir: Path, steps: int = 30, stages: list[str] | None = None,
+def run_trials(trials: int, seed: int, workdir: Path, steps: int = DEFAULT_STEPS, stages: list[str] | None = None,
                upto: str | None = None, target: str | None = None, keep: bool = False,
                out=sys.stdout) -> list[Trial]:
     started = time.monotonic()
@@ -499,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0, help="picks the stages and kill moments")
-    parser.add_argument("--steps", type=int, default=30, help="pretrain steps (a checkpoint every 5)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="pretrain steps (a checkpoint every 5)")
     parser.add_argument("--stages", default=None, help="comma-separated stages to kill in (default: all)")
     parser.add_argument("--upto", default=None,
                         help="build the template up to this stage first, so trials start after it (quicker)")

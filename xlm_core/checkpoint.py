@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,7 @@ def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Te
         with atomic_dir(target) as tmp:
             save_file(tensors, str(tmp / "model.safetensors"))
             with open(tmp / "state.pt", "wb") as fh:  # a file object: a full disk then surfaces as its OSError
-                torch.save(state, fh)
+                torch.save(_canonical(state), fh)
             (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True) + "\n")
             digest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
                       for name in FILES}
@@ -76,6 +77,25 @@ def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Te
             f"{newest.name if newest is not None else 'the start (no complete checkpoint yet)'}") from None
     prune(root, keep_last)
     return target
+
+
+def _canonical(obj: Any) -> Any:
+    """A copy of ``obj`` whose pickle bytes depend on its values only.
+
+    Pickle memoizes by object identity: a string met twice is written once, then referenced. After a resume the
+    optimizer's keys are strings unpickled from the checkpoint, no longer the interned literals an uninterrupted run
+    holds, so the same state gave different ``state.pt`` bytes. Here equal strings become one interned object and no
+    container is shared, so the bytes are the same either way.
+    """
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, dict):
+        return {_canonical(k): _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_canonical(v) for v in obj)
+    return obj
 
 
 def is_committed(path: Path, verify_hash: bool = True) -> bool:

@@ -31,6 +31,10 @@ def trained(tmp_path_factory):
     return corpus, run_dir
 
 
+def file_bytes(folder: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
+
+
 def previous_outputs(run_dir: Path) -> dict[str, str]:
     """Fake outputs of an earlier run that a failing run must leave exactly as they are."""
     (run_dir / "model").mkdir(parents=True)
@@ -148,6 +152,9 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(trained, tm
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming from step-000000005" in again.stderr
     assert (run_dir / "model" / "model.safetensors").read_bytes() == reference_model
+    # the resumed run's checkpoint is the uninterrupted run's, byte for byte (optimizer state included)
+    uninterrupted, resumed = (ckpt.checkpoint_dir(d / "checkpoints", 10) for d in (finished, run_dir))
+    assert file_bytes(resumed) == file_bytes(uninterrupted)
 
 
 # ---------------------------------------------------------------------------------------------- evaluate / export
