@@ -11,8 +11,10 @@ without interruption (the reference), then for each trial:
    stdout, sleeps a random fraction of that stage's duration in the reference run (DVC's own hashing and caching
    after the command are part of that window) and SIGKILLs the process group;
 3. checks that no process of the killed run survived (torchrun starts its workers in a session of their own);
-4. reruns `dvc repro` to the end, as a user would (if DVC refused because of a stale lock, that is reported and
-   ``.dvc/tmp/rwlock`` removed before one more try);
+4. reruns `dvc repro` to the end, as a user would, and says so in the trial's line when it had to: a dvc.lock that
+   the kill cut short while DVC itself was rewriting it (DVC writes it in place) loses its partial last lines and the
+   entries DVC's schema rejects (`repair_lockfile`); a failed rerun is tried once more, after removing
+   ``.dvc/tmp/rwlock`` if DVC blamed a stale lock;
 5. compares everything with the reference run.
 
 What is compared (each item must equal the reference):
@@ -31,7 +33,8 @@ What is compared (each item must equal the reference):
 
 A "corrupt output recorded in dvc.lock" is an out whose md5 in dvc.lock differs from the reference's, or one that
 ``dvc status`` says no longer matches the workspace: DVC committed (and would push) bytes a clean run would not have
-produced. The last line is ``N trials, M mismatches, K corrupt outputs recorded in dvc.lock``; the exit status is 1
+produced. The last line is ``N trials, M mismatches, K corrupt outputs recorded in dvc.lock``, after a line counting
+the kills that hit DVC's own dvc.lock write and the reruns that needed a second `dvc repro`; the exit status is 1
 when M or K is not 0.
 """
 from __future__ import annotations
@@ -397,9 +400,58 @@ class Trial:
                 f"rerun {self.rerun_seconds:.0f}s: {verdict}{notes}")
 
 
+def repair_lockfile(proj: Path) -> str | None:
+    """What a user does when the kill hit DVC's own (non-atomic) write of dvc.lock: drop what DVC's schema rejects.
+
+    DVC rewrites dvc.lock in place after each stage; a kill in that instant can leave a truncated file the next
+    `dvc repro` refuses ("required key not provided, in schema"). Stage entries that do not validate are removed (all
+    of the file when it is not YAML any more); DVC then reruns those stages or restores them from its run cache.
+    Returns what was done, or None when dvc.lock was fine.
+    """
+    import voluptuous
+    from dvc.schema import COMPILED_LOCK_FILE_STAGE_SCHEMA, COMPILED_LOCKFILE_SCHEMA
+
+    lock_path = proj / "dvc.lock"
+    if not lock_path.exists():
+        return None
+    lines = lock_path.read_text().splitlines()
+    for cut in range(min(len(lines), 20)):   # a write cut mid-line: its last lines are not YAML
+        try:
+            lock = yaml.safe_load("\n".join(lines[:len(lines) - cut]))
+            break
+        except yaml.YAMLError:
+            continue
+    else:
+        lock = cut = None
+    if cut == 0:
+        try:
+            COMPILED_LOCKFILE_SCHEMA(lock)
+            return None
+        except voluptuous.Invalid:
+            pass
+    stages = lock.get("stages") if isinstance(lock, dict) else None
+    kept = {}
+    for name, entry in (stages if isinstance(stages, dict) else {}).items():
+        try:
+            COMPILED_LOCK_FILE_STAGE_SCHEMA(entry)
+        except voluptuous.Invalid:
+            continue
+        kept[name] = entry
+    if not kept:
+        lock_path.unlink()
+        return "dvc.lock was cut short by the kill (DVC's own write) before any whole stage entry: deleted it"
+    lock_path.write_text(yaml.safe_dump({"schema": "2.0", "stages": kept}, sort_keys=False))
+    return (f"dvc.lock was cut short by the kill (DVC's own write): kept the whole entries of {list(kept)}, "
+            f"dropped the rest")
+
+
 def _rerun_to_the_end(proj: Path, trial: Trial, target: str | None) -> bool:
-    """`dvc repro` after the kill, the way a user would: a second time if the first one fails (reported in the
-    trial's notes), after deleting ``.dvc/tmp/rwlock`` if DVC blamed a stale lock."""
+    """`dvc repro` after the kill, the way a user would: a damaged dvc.lock repaired first (DVC's write, reported
+    in the trial's notes), and a second `dvc repro` if the first fails (reported too), after deleting
+    ``.dvc/tmp/rwlock`` if DVC blamed a stale lock."""
+    repaired = repair_lockfile(proj)
+    if repaired:
+        trial.notes.append(repaired)
     for attempt in range(2):
         run = repro(proj, target=target)
         trial.rerun_seconds += run.seconds
@@ -489,9 +541,10 @@ def run_trials(trials: int, seed: int, workdir: Path, steps: int = DEFAULT_STEPS
     mismatched = sum(1 for t in results if t.mismatches)
     elapsed = time.monotonic() - started
     second = sum(1 for t in results if any(n.startswith("first rerun failed") for n in t.notes))
+    lockfile = sum(1 for t in results if any(n.startswith("dvc.lock was") for n in t.notes))
     never = sum(1 for t in results if t.killed_at is None)
-    print(f"{second} trial(s) needed a second `dvc repro`; {never} kill(s) came after `dvc repro` had ended",
-          file=out, flush=True)
+    print(f"{lockfile} kill(s) hit DVC's own dvc.lock write (repaired as a user would); {second} trial(s) needed a "
+          f"second `dvc repro`; {never} kill(s) came after `dvc repro` had ended", file=out, flush=True)
     print(f"{len(results)} trials, {mismatched} mismatches, {corrupt} corrupt outputs recorded in dvc.lock "
           f"({elapsed:.0f}s, {elapsed / max(1, len(results)):.0f}s per trial with the reference run)",
           file=out, flush=True)

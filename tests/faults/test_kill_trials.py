@@ -63,6 +63,29 @@ def test_a_mismatch_is_detected(tmp_path):
         "differs file data/shards/a.parquet", "differs lock shard:outs:data/shards"]
 
 
+def test_a_dvc_lock_cut_by_the_kill_is_repaired_as_a_user_would(tmp_path):
+    """DVC rewrites dvc.lock in place: cut anywhere, what is left after the repair is a lock file DVC accepts."""
+    import yaml
+    from dvc.schema import COMPILED_LOCKFILE_SCHEMA
+
+    def stage(name: str) -> dict:
+        return {"cmd": f"python -m pipeline.{name}",
+                "deps": [{"path": f"pipeline/{name}.py", "hash": "md5", "md5": "0" * 32, "size": 10}],
+                "outs": [{"path": f"data/{name}", "hash": "md5", "md5": "1" * 32 + ".dir", "size": 20,
+                          "nfiles": 2}]}
+
+    text = yaml.safe_dump({"schema": "2.0", "stages": {s: stage(s) for s in ("download", "clean", "tokenizer")}},
+                          sort_keys=False)
+    for cut in range(0, len(text), 7):
+        (tmp_path / "dvc.lock").write_text(text[:cut])
+        note = fault_trials.repair_lockfile(tmp_path)
+        assert note is None or note.startswith("dvc.lock was")
+        if (tmp_path / "dvc.lock").exists():
+            COMPILED_LOCKFILE_SCHEMA(yaml.safe_load((tmp_path / "dvc.lock").read_text()))   # raises if rejected
+    (tmp_path / "dvc.lock").write_text(text)
+    assert fault_trials.repair_lockfile(tmp_path) is None and (tmp_path / "dvc.lock").read_text() == text
+
+
 def test_curves_cut_by_a_kill_are_truncated_to_the_resumed_checkpoint(tmp_path):
     """dvclive appends rows as training goes: a kill leaves rows past the checkpoint, maybe a half-written one."""
     from pipeline.pretrain import _truncate_live
