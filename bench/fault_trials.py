@@ -59,7 +59,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_LINE = "Running stage '"
-# What DVC says when a lock of a killed run were still held (its locks are released with the process: never seen).
+# What DVC would say if a killed run's lock were still held (DVC's locks die with the process: not seen so far).
 STALE_LOCK_MESSAGES = ("Unable to acquire lock", "rwlock", "is busy, it is being blocked by")
 # Outputs whose bytes carry wall-clock figures: compared by their deterministic content only (see the docstring).
 TIMED_OUTS = ("metrics/pretrain.json", "dvclive/pretrain/plots/metrics")
@@ -156,7 +156,9 @@ def make_project(proj: Path, steps: int = DEFAULT_STEPS, lines: int = 300) -> Pa
     _check([sys.executable, "-m", "dvc", "init", "-q"], proj)
     _check([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], proj)
     shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
-    for pkg in ("pipeline", "xlm_core"):   # dvc.yaml deps name these files; the code run is ROOT's (PYTHONPATH)
+    # dvc.yaml's deps name these files, and `python -m` finds the project's copy first: every trial runs the code of
+    # this checkout as it was when the template was made, whatever is edited meanwhile.
+    for pkg in ("pipeline", "xlm_core"):
         shutil.copytree(ROOT / pkg, proj / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     (proj / "params.yaml").write_text(yaml.safe_dump(fixture_params(steps), sort_keys=False, allow_unicode=True),
                                       encoding="utf-8")

@@ -91,8 +91,40 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _process_state(pid: int) -> tuple[str, float] | None:
+    """Process ``pid``'s state letter and start time (epoch seconds), from Linux /proc; None when unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()      # fields[0] is field 3 (state), fields[19] field 22
+        with open("/proc/stat") as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime "))
+        return fields[0], boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _writer_alive(pid: int, leftover: Path) -> bool:
+    """Whether the writer of ``leftover`` (named with its ``pid``) may still be running.
+
+    A killed writer may linger as a zombie until it is reaped, and PIDs are reused (pid_max is often 32768): a zombie
+    writes nothing more, and a process that started after the leftover was last modified is not its writer. A second
+    of slack keeps the test conservative (the boot time has whole seconds).
+    """
+    if not _pid_alive(pid):
+        return False
+    state = _process_state(pid)
+    if state is None:
+        return True
+    letter, started = state
+    try:
+        modified = leftover.lstat().st_mtime
+    except OSError:
+        return False
+    return letter != "Z" and started <= modified + 1.0
+
+
 def remove_stale_siblings(path: Path) -> None:
-    """Delete ``<name>.tmp-<pid>-*`` / ``<name>.old-<pid>-*`` left by a killed writer (its pid no longer runs)."""
+    """Delete ``<name>.tmp-<pid>-*`` / ``<name>.old-<pid>-*`` left by a killed writer (no longer running)."""
     if not path.parent.is_dir():
         return
     for child in path.parent.iterdir():
@@ -100,7 +132,7 @@ def remove_stale_siblings(path: Path) -> None:
             prefix = f"{path.name}{infix}"
             if child.name.startswith(prefix):
                 pid = child.name[len(prefix):].split("-", 1)[0]
-                if pid.isdigit() and not _pid_alive(int(pid)):
+                if pid.isdigit() and not _writer_alive(int(pid), child):
                     if child.is_dir() and not child.is_symlink():
                         shutil.rmtree(child, ignore_errors=True)
                     else:

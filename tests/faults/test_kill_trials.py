@@ -86,6 +86,38 @@ def test_a_dvc_lock_cut_by_the_kill_is_repaired_as_a_user_would(tmp_path):
     assert fault_trials.repair_lockfile(tmp_path) is None and (tmp_path / "dvc.lock").read_text() == text
 
 
+def test_a_killed_writers_leftover_goes_even_when_its_pid_is_a_zombie_or_reused(tmp_path):
+    """The rerun may start before the killed writer is reaped (a zombie still owns its pid), and pid_max is often
+    32768, so a leftover's pid may be a new process by then: trials saw both leave a scratch folder behind."""
+    import os
+    import subprocess
+    import time
+
+    from xlm_core.atomic import atomic_dir
+
+    reused = tmp_path / f"clean.tmp-{os.getpid()}-work-abc"      # "our" pid, but written before we started
+    reused.mkdir()
+    (reused / "fixture.en.parquet").write_bytes(b"scratch of the killed run")
+    before_us = time.time() - 3600
+    os.utime(reused, (before_us, before_us))
+    writer = subprocess.Popen([sys.executable, "-c", "import os, sys; os.makedirs(sys.argv[1])",
+                               str(tmp_path / "clean.tmp-PID-work-def")])
+    deadline = time.time() + 30
+    while not (tmp_path / "clean.tmp-PID-work-def").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)                                                # exited, not yet reaped: a zombie
+    zombie = tmp_path / f"clean.tmp-{writer.pid}-work-def"
+    (tmp_path / "clean.tmp-PID-work-def").rename(zombie)
+    try:
+        with atomic_dir(tmp_path / "clean") as staging:
+            (staging / "mono").mkdir()
+            assert not reused.exists() and not zombie.exists()
+            assert staging.exists()                                # a live writer's own temporary stays
+    finally:
+        writer.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean"]
+
+
 def test_curves_cut_by_a_kill_are_truncated_to_the_resumed_checkpoint(tmp_path):
     """dvclive appends rows as training goes: a kill leaves rows past the checkpoint, maybe a half-written one."""
     from pipeline.pretrain import _truncate_live
