@@ -29,7 +29,7 @@ from pipeline.params import ClassificationSuite, RetrievalSuite, StageParams, lo
 from xlm_core import checkpoint as ckpt
 from xlm_core.atomic import atomic_dir, atomic_file, write_json
 from xlm_core.data import DataError, iter_eval_batches
-from xlm_core.metrics import (LMScore, bitext_retrieval, causal_lm_score, default_layer,
+from xlm_core.metrics import (LMScore, bitext_retrieval, causal_lm_score, center, default_layer,
                               label_indices, masked_lm_score, pooled_embeddings, train_linear_probe)
 from xlm_core.model import ModelConfig, XLMModel
 from xlm_core.objectives import LanguageDiscriminator
@@ -366,7 +366,10 @@ def _score_bitexts(embed, plan: Plan, ev, figures, counts) -> None:
     vectors: dict[tuple[str, str], torch.Tensor] = {}
     for lang, by_id in needed.items():
         ids = list(by_id)
-        for seg_id, vec in zip(ids, embed([by_id[i] for i in ids], lang)):
+        embedded = embed([by_id[i] for i in ids], lang)
+        if ev.center:   # the language's centroid over all its test sentences
+            embedded = center(embedded)
+        for seg_id, vec in zip(ids, embedded):
             vectors[(lang, seg_id)] = vec
     for pair, bitext in plan.bitexts.items():
         src = torch.stack([vectors[(bitext.src_lang, i)] for i in bitext.ids])
@@ -380,8 +383,10 @@ def _score_bitexts(embed, plan: Plan, ev, figures, counts) -> None:
 def _score_suites(embed, plan: Plan, ev, progress, figures, counts) -> None:
     for suite in plan.retrieval_suites:
         progress.set_postfix_str(suite.name)
-        result = bitext_retrieval(embed(suite.src, suite.src_lang), embed(suite.tgt, suite.tgt_lang), ev.scoring,
-                                  ev.margin_k)
+        src, tgt = embed(suite.src, suite.src_lang), embed(suite.tgt, suite.tgt_lang)
+        if ev.center:
+            src, tgt = center(src), center(tgt)
+        result = bitext_retrieval(src, tgt, ev.scoring, ev.margin_k)
         figures[("suites", suite.name, "accuracy", f"{suite.src_lang}-{suite.tgt_lang}")] = result.forward
         figures[("suites", suite.name, "accuracy", f"{suite.tgt_lang}-{suite.src_lang}")] = result.backward
         counts[("suites", suite.name, "candidates")] = result.candidates
@@ -563,7 +568,8 @@ def render_report(per_model: dict[str, dict[Key, float]], counts: dict[Key, int]
         for direction in (pair, f"{bitext.tgt_lang}-{bitext.src_lang}"):
             rows.append([direction.replace("-", " → "), *cells(("retrieval_accuracy", direction)),
                          str(len(bitext.ids))])
-    lines += _table(f"Bitext retrieval (top-1, {ev.scoring}, layer {plan.layer})",
+    lines += _table(f"Bitext retrieval (top-1, {ev.scoring}{', languages centred' if ev.center else ''}, "
+                    f"layer {plan.layer})",
                     ["direction", *names, "candidates"], rows)
     lines += [f"![retrieval accuracy heatmap]({plots_rel}/retrieval.png)", "",
               f"![MLM perplexity per language]({plots_rel}/perplexity.png)", ""]

@@ -368,6 +368,7 @@ class ProbeParams(Strict):
 class EvaluateParams(Strict):
     layer: Optional[int] = Field(default=None, ge=0, description="pooled layer for retrieval/probes; null = middle")
     scoring: Literal["cosine", "margin"] = "cosine"
+    center: bool = Field(default=True, description="retrieval: subtract each language's mean pooled vector first")
     margin_k: int = Field(default=4, ge=1)
     max_retrieval_pairs: int = Field(default=2000, ge=2, description="test pairs per language pair (first by id)")
     seq_len: int = Field(default=128, ge=8)

@@ -20,7 +20,7 @@ from pipeline.tokenizer import train_tokenizer
 from test_tokenizer import write_clean, write_params_file
 from xlm_core import checkpoint as ckpt
 from xlm_core.data import iter_eval_batches
-from xlm_core.metrics import (bitext_retrieval, masked_lm_score, pooled_embeddings, ratio_margin,
+from xlm_core.metrics import (bitext_retrieval, center, masked_lm_score, pooled_embeddings, ratio_margin,
                               train_linear_probe)
 from xlm_core.model import ModelConfig, XLMModel
 from xlm_core.objectives import LanguageDiscriminator
@@ -146,6 +146,22 @@ def test_margin_scoring_demotes_a_hub_that_cosine_picks():
     margin = bitext_retrieval(src, tgt, "margin", k=4)
     assert margin.forward == 1.0
     assert margin.forward_pred.tolist() == list(range(n))
+
+
+def test_centering_each_language_removes_a_shared_language_offset():
+    """Each side carries a large offset of its own language: under raw cosine the candidates that happen to lean
+    towards the query language's offset win every query; centring each side on its own mean recovers them all."""
+    torch.manual_seed(0)
+    n, d = 40, 64
+    meaning = torch.randn(n, d)
+    offset_src, offset_tgt = 8 * torch.randn(d), 8 * torch.randn(d)
+    src = meaning + offset_src
+    tgt = meaning + 0.1 * torch.randn(n, d) + offset_tgt
+    raw = bitext_retrieval(src, tgt, "cosine")
+    centred = bitext_retrieval(center(src), center(tgt), "cosine")
+    assert raw.forward < 0.5 and raw.backward < 0.5
+    assert centred.forward == centred.backward == 1.0
+    assert torch.allclose(center(src).mean(0), torch.zeros(d), atol=1e-4)
 
 
 def test_ratio_margin_formula_on_a_small_matrix():

@@ -178,6 +178,16 @@ def pooled_embeddings(model: XLMModel, sentences: Sequence[Sequence[int]], lang_
 
 
 # -------------------------------------------------------------------------------------------------- bitext retrieval
+def center(vectors: torch.Tensor) -> torch.Tensor:
+    """Subtract the mean vector: applied per language, it removes what every sentence of that language shares.
+
+    Mean-pooled states of a multilingual encoder carry a strong language-identity component; removing each language's
+    centroid before cosine retrieval is a standard, training-free step (Libovický et al., 2020, "On the Language
+    Neutrality of Pre-trained Multilingual Representations").
+    """
+    return vectors - vectors.mean(dim=0, keepdim=True)
+
+
 def cosine_similarity(src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     """[Ns, Nt] cosine similarities of L2-normalised rows."""
     return F.normalize(src.float(), dim=-1) @ F.normalize(tgt.float(), dim=-1).T

@@ -1,0 +1,80 @@
+"""The whole default dvc.yaml, end to end, on the small fixture corpus: real DVC in a temporary git repo.
+
+`dvc repro` runs every stage; `dvc metrics show` lists the final validation figures per language (pretrain) and the
+evaluation with its baseline; `dvc plots show` renders the training curves; then editing a training value reruns
+pretrain and what follows, and editing an evaluate value reruns evaluate alone.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import yaml
+
+from conftest import ROOT, dvc
+
+
+def _load_fault_trials():
+    spec = importlib.util.spec_from_file_location("fault_trials", ROOT / "bench" / "fault_trials.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("fault_trials", module)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def _ran(out: str) -> list[str]:
+    return [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")]
+
+
+def _status(proj) -> set[str]:
+    return set(json.loads(dvc(proj, "status", "--json").stdout or "{}"))
+
+
+def _edit(proj, section: str, key: str, value) -> None:
+    params = yaml.safe_load((proj / "params.yaml").read_text(encoding="utf-8"))
+    target = params[section]
+    *parents, leaf = key.split(".")
+    for name in parents:
+        target = target[name]
+    target[leaf] = value
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def test_default_pipeline_end_to_end_and_what_an_edit_reruns(tmp_path):
+    fault_trials = _load_fault_trials()
+    proj = fault_trials.make_project(tmp_path / "proj", steps=10)
+    stages = list(yaml.safe_load((proj / "dvc.yaml").read_text())["stages"])
+
+    first = dvc(proj, "repro").stdout
+    assert _ran(first) == stages
+    assert _status(proj) == set()
+    for path in ("data/model/model.safetensors", "data/export/hf/model.safetensors", "reports/eval.md"):
+        assert (proj / path).is_file(), path
+
+    shown = dvc(proj, "metrics", "show", "--json").stdout
+    metrics = json.loads(shown)[""]["data"]
+    pretrain = metrics["metrics/pretrain.json"]["data"]
+    evaluate = metrics["metrics/eval.json"]["data"]
+    for lang in fault_trials.LANGUAGES:   # final validation figures, per language
+        assert 0.0 <= pretrain["valid"]["mlm_accuracy"][lang] <= 1.0
+        assert pretrain["valid"]["mlm_loss"][lang] > 0
+        assert {"trained", "baseline"} <= set(evaluate["mlm_perplexity"][lang])
+
+    plots = dvc(proj, "plots", "show", "--json").stdout
+    assert "dvclive/pretrain/plots/metrics/train/loss.tsv" in plots
+    html = tmp_path / "plots"
+    dvc(proj, "plots", "show", "--out", str(html))
+    page = (html / "index.html").read_text(encoding="utf-8")
+    assert "loss" in page and "vega" in page.lower()
+
+    # a training value: pretrain and everything after it
+    _edit(proj, "pretrain", "optimizer.lr", 0.003)
+    assert _status(proj) == {"pretrain"}          # DVC reports the first stage out of date ...
+    assert _ran(dvc(proj, "repro").stdout) == ["pretrain", "evaluate", "export"]   # ... and runs what follows
+    assert _status(proj) == set()
+
+    # an evaluate value: evaluate alone, never pretrain
+    _edit(proj, "evaluate", "max_batches", 1)
+    assert _status(proj) == {"evaluate"}
+    assert _ran(dvc(proj, "repro").stdout) == ["evaluate"]
