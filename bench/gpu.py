@@ -168,7 +168,7 @@ def main(argv=None) -> list[dict]:
         if datasheet:
             row["mfu_vs_datasheet"] = tps * flops.model / (datasheet * 1e12)
         rows.append(row)
-    print(f"{name}: measured matmul peak {peak:.0f} TFLOP/s" + (f", datasheet {datasheet:.0f}" if datasheet else ""))
+    print(f"{name}: measured matmul peak {peak:.1f} TFLOP/s" + (f", datasheet {datasheet:.0f}" if datasheet else ""))
     print(f"{'candidate':<14}{'tokens/s':>12}{'MFU (measured)':>16}{'MFU (datasheet)':>17}")
     for r in rows:
         ds = f"{r['mfu_vs_datasheet']:.1%}" if "mfu_vs_datasheet" in r else "-"

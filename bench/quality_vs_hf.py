@@ -8,9 +8,11 @@ tokenizer (the project's sentencepiece model; HF's tokenizer is the one the expo
 the same order: HF's ``Trainer`` reads the very blocks our loader yields (``xlm_core.data.PretrainLoader``, MLM only,
 stream mode, seq 128 × batch 32, language sampling α = 0.5), through an ``IterableDataset``, and masks them with its
 own ``DataCollatorForLanguageModeling`` (15 %, 80/10/10). Optimiser settings are equal too: AdamW (β 0.9/0.98,
-ε 1e-6, weight decay 0.01), peak lr 1e-3, linear warm-up, then constant (the budget is time, so no decay horizon is
-known in advance), gradient clipping at 1.0. Each side trains until its budget is spent (HF through a callback that
-ends training), in this process, one after the other.
+ε 1e-6, weight decay 0.01), peak lr 1e-3, gradient clipping at 1.0, and one learning-rate schedule: linear warm-up,
+then a linear decay that reaches zero when the wall-clock budget runs out (the budget schedule of Geiping & Goldstein's
+"Cramming": the number of steps each side will reach is not known in advance, and a constant rate leaves the last
+steps' language dominating the output bias). Each side trains until its budget is spent (HF through a callback that
+ends training and a ``create_scheduler`` override), in this process, one after the other.
 
 Both are then scored by the same code, the evaluate stage's (``xlm_core.metrics.masked_lm_score``: every target
 becomes ``<mask>``, masks seeded per batch): HF's weights are mapped into our model with ``xlm_core.hf.from_hf``, which
@@ -39,7 +41,7 @@ from xlm_core.metrics import masked_lm_score  # noqa: E402
 from xlm_core.model import ModelConfig, XLMModel  # noqa: E402
 from xlm_core.objectives import MaskingConfig, mlm_loss  # noqa: E402
 from xlm_core.tokenizer import SPM_MODEL, Tokenizer  # noqa: E402
-from xlm_core.trainer import Trainer, lr_multiplier  # noqa: E402
+from xlm_core.trainer import Trainer  # noqa: E402
 
 BETAS, EPS, WEIGHT_DECAY, CLIP = (0.9, 0.98), 1e-6, 0.01, 1.0
 
@@ -70,6 +72,21 @@ def make_loader(args: argparse.Namespace, train_dir: Path, languages: list[str],
                           seed=args.seed, tokenizer=tokenizer)
 
 
+class BudgetSchedule:
+    """LR factor: linear warm-up over ``warmup`` steps, times a linear decay to 0 over ``budget_s`` seconds from
+    ``begin()`` (before it: warm-up only)."""
+
+    def __init__(self, warmup: int, budget_s: float):
+        self.warmup, self.budget_s, self.start = max(1, warmup), budget_s, None
+
+    def begin(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self, step: int) -> float:
+        left = 1.0 if self.start is None else max(0.0, 1.0 - (time.perf_counter() - self.start) / self.budget_s)
+        return min(1.0, (step + 1) / self.warmup) * left
+
+
 def adamw(params, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, betas=BETAS, eps=EPS, fused=True)
 
@@ -79,7 +96,8 @@ def train_ours(args: argparse.Namespace, config: ModelConfig, loader: PretrainLo
     torch.manual_seed(args.seed)
     model = XLMModel(config)
     optimizer = adamw(model.optimizer_param_groups(WEIGHT_DECAY), args.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier("constant", args.warmup, 1))
+    schedule = BudgetSchedule(args.warmup, budget_s)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     masking = MaskingConfig()
 
     def loss_fn(mod, batch):
@@ -88,6 +106,7 @@ def train_ours(args: argparse.Namespace, config: ModelConfig, loader: PretrainLo
 
     trainer = Trainer(model, optimizer, scheduler, loss_fn, clip_norm=CLIP)
     start = time.perf_counter()
+    schedule.begin()
     tokens = 0
     while time.perf_counter() - start < budget_s:
         micro_batches = next(loader)
@@ -137,9 +156,17 @@ def train_hf(args: argparse.Namespace, config: ModelConfig, loader: PretrainLoad
     hf_cfg = hf_config(config)
     model = XLMRobertaForMaskedLM(XLMRobertaConfig(**hf_cfg, attn_implementation="sdpa"))
 
+    schedule = BudgetSchedule(args.warmup, budget_s)
+
+    class BudgetTrainer(HFTrainer):
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, schedule)
+            return self.lr_scheduler
+
     class Budget(TrainerCallback):
         def on_train_begin(self, targs, state, control, **kwargs):
             self.start = time.perf_counter()
+            schedule.begin()
 
         def on_step_end(self, targs, state, control, **kwargs):
             if time.perf_counter() - self.start >= budget_s:
@@ -150,13 +177,13 @@ def train_hf(args: argparse.Namespace, config: ModelConfig, loader: PretrainLoad
     budget = Budget()
     targs = TrainingArguments(
         output_dir=str(work / "hf-out"), max_steps=10 ** 7, per_device_train_batch_size=args.batch,
-        learning_rate=args.lr, warmup_steps=args.warmup, lr_scheduler_type="constant_with_warmup",
+        learning_rate=args.lr,
         weight_decay=WEIGHT_DECAY, adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_epsilon=EPS, max_grad_norm=CLIP,
         optim="adamw_torch_fused", use_cpu=not torch.cuda.is_available(), seed=args.seed, report_to="none",
         save_strategy="no", logging_steps=50, dataloader_num_workers=0, dataloader_pin_memory=False,
         disable_tqdm=True)
     collator = DataCollatorForLanguageModeling(hf_tok, mlm=True, mlm_probability=0.15)
-    trainer = HFTrainer(model=model, args=targs, train_dataset=LoaderBlocks(loader), data_collator=collator,
+    trainer = BudgetTrainer(model=model, args=targs, train_dataset=LoaderBlocks(loader), data_collator=collator,
                         callbacks=[budget])
     trainer.train()
     elapsed = time.perf_counter() - budget.start

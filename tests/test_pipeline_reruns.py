@@ -57,8 +57,8 @@ def test_default_pipeline_end_to_end_and_what_an_edit_reruns(tmp_path):
     pretrain = metrics["metrics/pretrain.json"]["data"]
     evaluate = metrics["metrics/eval.json"]["data"]
     for lang in fault_trials.LANGUAGES:   # final validation figures, per language
-        assert 0.0 <= pretrain["valid"]["mlm_accuracy"][lang] <= 1.0
-        assert pretrain["valid"]["mlm_loss"][lang] > 0
+        assert 0.0 <= pretrain["valid"][f"mlm_accuracy/{lang}"] <= 1.0
+        assert pretrain["valid"][f"mlm_loss/{lang}"] > 0
         assert {"trained", "baseline"} <= set(evaluate["mlm_perplexity"][lang])
 
     plots = dvc(proj, "plots", "show", "--json").stdout
