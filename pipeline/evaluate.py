@@ -3,7 +3,8 @@
     MLM accuracy/perplexity per language and TLM per pair (fixed-seed masks), CLM perplexity when the model was
     trained causally, the language discriminator's accuracy when adversarial training was on, bitext retrieval for
     every configured pair (XTREME's Tatoeba protocol: mean-pooled middle layer, cosine or ratio-margin nearest
-    neighbour, top-1 both ways), and the user's suites from params.yaml (retrieval on line-aligned files;
+    neighbour, top-1 both ways; with `center`, each language's vectors first lose their mean over all of that
+    language's test sentences in the configured pairs, a suite's over the suite's file), and the user's suites from params.yaml (retrieval on line-aligned files;
     zero-shot classification with a linear probe trained on one language).
 
 Outputs (each written atomically): metrics/eval.json (`dvc metrics show`: metric -> language/pair ->
