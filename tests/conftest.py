@@ -1,6 +1,7 @@
 """Shared fixtures: a real git + DVC project in a temporary folder, and the environment its subprocesses need."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -77,3 +78,22 @@ def write_params(proj: Path, mutate) -> dict:
 
 def dvc(proj: Path, *args: str, check: bool = True, timeout: float = 900):
     return run([sys.executable, "-m", "dvc", *args], proj, check=check, timeout=timeout)
+
+
+def set_dotted(mapping: dict, key: str, value) -> None:
+    """``mapping["a"]["b"] = value`` for ``key = "a.b"``, creating the sections on the way."""
+    *parents, last = key.split(".")
+    for part in parents:
+        mapping = mapping.setdefault(part, {})
+    mapping[last] = value
+
+
+def load_fault_trials():
+    """bench/fault_trials.py as a module (bench/ is scripts, not a package); loaded once per session."""
+    if "fault_trials" in sys.modules:
+        return sys.modules["fault_trials"]
+    spec = importlib.util.spec_from_file_location("fault_trials", ROOT / "bench" / "fault_trials.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fault_trials"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module

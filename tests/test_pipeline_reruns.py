@@ -6,21 +6,11 @@ pretrain and what follows, and editing an evaluate value reruns evaluate alone.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import yaml
 
-from conftest import ROOT, dvc
-
-
-def _load_fault_trials():
-    spec = importlib.util.spec_from_file_location("fault_trials", ROOT / "bench" / "fault_trials.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("fault_trials", module)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+from conftest import dvc, load_fault_trials, set_dotted
 
 
 def _ran(out: str) -> list[str]:
@@ -33,16 +23,12 @@ def _status(proj) -> set[str]:
 
 def _edit(proj, section: str, key: str, value) -> None:
     params = yaml.safe_load((proj / "params.yaml").read_text(encoding="utf-8"))
-    target = params[section]
-    *parents, leaf = key.split(".")
-    for name in parents:
-        target = target[name]
-    target[leaf] = value
+    set_dotted(params[section], key, value)
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
 def test_default_pipeline_end_to_end_and_what_an_edit_reruns(tmp_path):
-    fault_trials = _load_fault_trials()
+    fault_trials = load_fault_trials()
     proj = fault_trials.make_project(tmp_path / "proj", steps=10)
     stages = list(yaml.safe_load((proj / "dvc.yaml").read_text())["stages"])
 

@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, project_env, python_module, run
+from conftest import ROOT, project_env, python_module, run, set_dotted
 from pipeline.params import load_params
 from pipeline.shard import make_shards
 from pipeline.tokenizer import train_tokenizer
@@ -51,11 +51,7 @@ def write_run_params(run_dir: Path, corpus: Path, **overrides) -> Path:
     data = yaml.safe_load((corpus / "params.yaml").read_text())
     pretrain = yaml.safe_load(yaml.safe_dump(PRETRAIN))
     for key, value in overrides.items():
-        target = pretrain
-        *path, last = key.split(".")
-        for part in path:
-            target = target.setdefault(part, {})
-        target[last] = value
+        set_dotted(pretrain, key, value)
     data["pretrain"] = pretrain
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "params.yaml"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import ROOT, project_env
+from conftest import ROOT, project_env, set_dotted
 
 LANGS = ["en", "fr", "ru"]
 PAIRS = ["en-fr", "en-ru"]
@@ -86,11 +86,7 @@ def write_pretrain_params(path: Path, base_params: Path, **overrides) -> Path:
     data = yaml.safe_load(base_params.read_text())
     pretrain = yaml.safe_load(yaml.safe_dump(PRETRAIN))
     for key, value in overrides.items():
-        target = pretrain
-        *parents, last = key.split(".")
-        for part in parents:
-            target = target.setdefault(part, {})
-        target[last] = value
+        set_dotted(pretrain, key, value)
     data["pretrain"] = pretrain
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))

@@ -7,24 +7,15 @@ and tests/faults/test_stage_faults.py::test_disk_full_while_writing_a_checkpoint
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import sys
 
 import pytest
 
-from conftest import ROOT, project_env, run
+from conftest import ROOT, load_fault_trials, project_env, run
 
 
-def _load_fault_trials():
-    spec = importlib.util.spec_from_file_location("fault_trials", ROOT / "bench" / "fault_trials.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fault_trials"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-fault_trials = _load_fault_trials()
+fault_trials = load_fault_trials()
 
 
 # Slow job only: where the kill lands depends on the machine's speed, and a kill while DVC itself rewrites dvc.lock
