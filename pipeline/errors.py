@@ -23,10 +23,16 @@ def run_cli(stage: str, func: Callable[[], object]) -> int:
     try:
         func()
     except PipelineError as exc:
-        msg = " ".join(str(exc).split("\n"))
-        print(f"error: [{stage}] {msg}", file=sys.stderr, flush=True)
+        _print_error(stage, " ".join(str(exc).split("\n")))
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"error: [{stage}] interrupted", file=sys.stderr, flush=True)
+        _print_error(stage, "interrupted")
         return 130
     return 0
+
+
+def _print_error(stage: str, message: str) -> None:
+    # The leading carriage return starts the line at column 0 even after nested progress bars (the thread-pool
+    # stages) closed: tqdm clears them with spaces and a cursor-up, which would otherwise glue the error to that
+    # cleared line. Both a terminal and str.splitlines() then see the error as a line of its own.
+    print(f"\rerror: [{stage}] {message}", file=sys.stderr, flush=True)

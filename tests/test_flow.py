@@ -321,7 +321,7 @@ def test_unreachable_server_is_one_clear_line(template, tmp_path):
     proc = run([sys.executable, "-m", "pipeline.flow"], proj, check=False, env=project_env({"PREFECT_API_URL": url}))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr     # one line, no traceback
-    assert proc.stderr.startswith(f"error: [flow] no Prefect server answers at {url}")
+    assert proc.stderr.strip().startswith(f"error: [flow] no Prefect server answers at {url}")
     assert "prefect server start" in proc.stderr and "PREFECT_API_URL= xlm flow" in proc.stderr
     assert not (proj / "dvc.lock").exists()                            # nothing ran
 

@@ -69,6 +69,31 @@ def test_stage_cli_prints_one_error_line_and_exits_2(tmp_path):
         "unable to parse string as an integer"]
 
 
+NESTED_BARS_THEN_FAIL = """
+import sys
+from tqdm import tqdm
+from pipeline.errors import fail, run_cli
+
+def stage():
+    outer = tqdm(total=10, desc="unit a", file=sys.stderr, leave=False)
+    inner = tqdm(total=10, desc="unit b", file=sys.stderr, leave=False)   # position 1, as in a thread pool
+    outer.update(3), inner.update(2)
+    outer.close(), inner.close()    # closing the lower bar last leaves the cursor up, mid-line
+    fail("language 'ru': all 30 segments were filtered out")
+
+sys.exit(run_cli("clean", stage))
+"""
+
+
+def test_the_error_line_stands_alone_after_nested_progress_bars(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", NESTED_BARS_THEN_FAIL], capture_output=True, text=True,
+                          env=project_env(), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "\x1b[A" in proc.stderr                  # tqdm did move the cursor up: the case being tested
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert errors == ["error: [clean] language 'ru': all 30 segments were filtered out"], proc.stderr
+
+
 def test_xlm_cli_lists_every_stage():
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True,
                           env=project_env())
