@@ -7,8 +7,9 @@ import time
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from xlm_core.model import PRESETS, ModelConfig, SelfAttention, XLMModel, sinusoidal_table
+from xlm_core.model import PRESETS, ModelConfig, SelfAttention, XLMModel, fixed_position_table, sinusoidal_table
 from xlm_core.objectives import MaskingConfig, build_mono_batch, mask_tokens, mlm_loss
 from xlm_core.special_tokens import PAD
 
@@ -238,8 +239,12 @@ def test_sinusoidal_positions_are_a_fixed_added_table():
     model.eval()
     ids = random_ids(1, 6)
     with torch.no_grad():
-        manual = model.emb_ln(model.tok_emb(ids) + sinusoidal_table(model.config.max_positions, 64)[:6])
+        manual = model.emb_ln(model.tok_emb(ids) + fixed_position_table(model.config)[:6])
         torch.testing.assert_close(model.embed(ids), manual)
+        # scaled to the token vectors, so the LayerNorm keeps token identity: two tokens at one position differ
+        assert fixed_position_table(model.config).pow(2).mean().sqrt().item() == pytest.approx(0.02, rel=0.05)
+        same_position = model.embed(torch.tensor([[5], [6]]))[:, 0]
+        assert F.cosine_similarity(same_position[0], same_position[1], dim=0).item() < 0.5
 
 
 def test_return_layer_gives_intermediate_states():

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import torch
 
-from xlm_core.model import ModelConfig, sinusoidal_table
+from xlm_core.model import ModelConfig, fixed_position_table
 from xlm_core.special_tokens import BOS, EOS
 
 Tensor = torch.Tensor
@@ -116,7 +116,7 @@ def to_hf(state_dict: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Te
     if config.positions == "learned":
         positions = take("pos_emb.weight")
     else:
-        positions = sinusoidal_table(config.max_positions, d).to(word.dtype)
+        positions = fixed_position_table(config).to(word.dtype)
     unused_rows = positions.new_zeros(_position_offset(config), d)
     out["roberta.embeddings.position_embeddings.weight"] = torch.cat([unused_rows, positions])
     if config.use_lang_emb:

@@ -123,6 +123,15 @@ def sinusoidal_table(n_positions: int, d_model: int) -> torch.Tensor:
     return table
 
 
+def fixed_position_table(cfg: ModelConfig) -> torch.Tensor:
+    """The sinusoidal table this model adds, scaled to the token embeddings' init (per-dim RMS = init_std).
+
+    Unscaled, its entries (RMS 0.71) would be ~35x the N(0, 0.02) token vectors, and the embedding LayerNorm would
+    wash token identity out of the sum; Vaswani et al. balance the two by scaling tokens up by sqrt(d) instead.
+    """
+    return sinusoidal_table(cfg.max_positions, cfg.d_model) * (cfg.init_std * math.sqrt(2.0))
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with one fused QKV projection and PyTorch's scaled_dot_product_attention."""
 
@@ -209,7 +218,7 @@ class XLMModel(nn.Module):
         else:
             self.pos_emb = None
             # Not persistent: it is a function of the config, so checkpoints do not carry it.
-            self.register_buffer("pos_table", sinusoidal_table(cfg.max_positions, cfg.d_model), persistent=False)
+            self.register_buffer("pos_table", fixed_position_table(cfg), persistent=False)
         self.lang_emb = nn.Embedding(cfg.n_languages, cfg.d_model) if cfg.use_lang_emb else None
         self.emb_ln = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.emb_drop = nn.Dropout(cfg.dropout)
