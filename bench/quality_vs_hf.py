@@ -3,21 +3,27 @@
     dvc repro shard                                  # the default corpus's shards and tokenizer (or any project's)
     python bench/quality_vs_hf.py --minutes 10       # 10 minutes of training each, then held-out MLM per language
 
-Both models have the same architecture (``--preset``, default ``small``: 4 layers × 256, FFN 1024, dropout 0), the same
-tokenizer (the project's sentencepiece model; HF's tokenizer is the one the export stage writes) and the same data in
-the same order: HF's ``Trainer`` reads the very blocks our loader yields (``xlm_core.data.PretrainLoader``, MLM only,
-stream mode, seq 128 × batch 32, language sampling α = 0.5), through an ``IterableDataset``, and masks them with its
-own ``DataCollatorForLanguageModeling`` (15 %, 80/10/10). Optimiser settings are equal too: AdamW (β 0.9/0.98,
-ε 1e-6, weight decay 0.01 on Linear weights only, fused where torch has it), peak lr 1e-3, gradient clipping at 1.0,
-and one learning-rate schedule in wall-clock time: linear warm-up over the first 5 % of the budget, then a linear
-decay that reaches zero when the budget runs out (the budget schedule of Geiping & Goldstein's
-"Cramming": the number of steps each side will reach is not known in advance, and a constant rate leaves the last
-steps' language dominating the output bias). Each side trains until its budget is spent (HF through a callback that
-ends training and a ``create_scheduler`` override), in this process, one after the other.
+Both models have the same architecture and init: the project's ``pretrain.model`` from its params.yaml (the default
+2 × 128, init std 0.05; ``--preset small`` takes the plain 4 × 256 preset instead), dropout 0. Same tokenizer (the
+project's sentencepiece model; HF's tokenizer is the one the export stage writes) and the same data in the same order:
+HF's ``Trainer`` reads the very blocks our loader yields (``xlm_core.data.PretrainLoader``, MLM only, stream mode,
+language sampling α = 0.5), through an ``IterableDataset``, and masks them with its own
+``DataCollatorForLanguageModeling`` at the same rate (80/10/10). The project's batch size, mask rate and peak lr are
+used on both sides. Optimiser settings are equal too: AdamW (β 0.9/0.98, ε 1e-6, weight decay 0.01 on Linear weights
+only, fused where torch has it), gradient clipping at 1.0, and one learning-rate schedule in wall-clock time: linear
+warm-up over the first 5 % of the budget, then a linear decay that reaches zero when the budget runs out (the budget
+schedule of Geiping & Goldstein's "Cramming": the number of steps each side will reach is not known in advance, and a
+constant rate leaves the last steps' language dominating the output bias). Each side trains until its budget is spent
+(HF through a callback that ends training and a ``create_scheduler`` override), in this process, one after the other.
+
+What differs is what each stack brings: ours runs its own step (``xlm_core``) and, as the pipeline does, its sequence-
+length warm-up (rows of 16 tokens doubling to the full length over the same share of the budget as
+``pretrain.seq_len_warmup.steps / pretrain.steps``, in wall-clock time here); HF's ``Trainer`` has no such schedule and
+trains on full rows. ``--row-warmup 0`` turns ours off too, for the step-for-step comparison of the two stacks alone.
 
 Both are then scored by the same code, the evaluate stage's (``xlm_core.metrics.masked_lm_score``: every target
-becomes ``<mask>``, masks seeded per batch): HF's weights are mapped into our model with ``xlm_core.hf.from_hf``, which
-tests show gives HF's logits. Output: a table per language and one JSON line.
+becomes ``<mask>``, masks seeded per batch) on full-length held-out rows: HF's weights are mapped into our model with
+``xlm_core.hf.from_hf``, which tests show gives HF's logits. Output: a table per language and one JSON line.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import math
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,13 +43,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pipeline.export import read_spm_model, special_tokens_map, tokenizer_config, tokenizer_json  # noqa: E402
+from pipeline.params import load_params  # noqa: E402
+from pipeline.pretrain import model_config  # noqa: E402
 from xlm_core.data import PretrainLoader, iter_eval_batches  # noqa: E402
 from xlm_core.hf import from_hf, hf_config  # noqa: E402
 from xlm_core.metrics import masked_lm_score  # noqa: E402
 from xlm_core.model import ModelConfig, XLMModel  # noqa: E402
 from xlm_core.objectives import MaskingConfig, mlm_loss  # noqa: E402
 from xlm_core.tokenizer import SPM_MODEL, Tokenizer  # noqa: E402
-from xlm_core.trainer import Trainer  # noqa: E402
+from xlm_core.trainer import Trainer, seq_len_schedule  # noqa: E402
 
 BETAS, EPS, WEIGHT_DECAY, CLIP = (0.9, 0.98), 1e-6, 0.01, 1.0
 
@@ -52,10 +61,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--project", type=Path, default=ROOT, help="a project whose shard stage has run (default: here)")
     p.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget of each side")
     p.add_argument("--languages", nargs="+", default=None, help="default: every language in the train shards")
-    p.add_argument("--preset", default="small")
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--preset", default=None, help="a plain preset (e.g. small) instead of the project's model")
+    p.add_argument("--seq", type=int, default=None, help="default: the project's pretrain.seq_len")
+    p.add_argument("--batch", type=int, default=None, help="default: the project's pretrain.batch_size")
+    p.add_argument("--lr", type=float, default=None, help="default: the project's pretrain.optimizer.lr")
+    p.add_argument("--mask-rate", type=float, default=None, help="default: the project's pretrain.masking.rate")
+    p.add_argument("--row-warmup", type=float, default=None,
+                   help="ours: share of the budget in sequence-length warm-up (0 = off); default: the project's "
+                        "seq_len_warmup.steps / steps")
     p.add_argument("--warmup-frac", type=float, default=0.05, help="share of the budget spent warming up")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=1234)
@@ -71,6 +84,24 @@ def make_loader(args: argparse.Namespace, train_dir: Path, languages: list[str],
                 ) -> PretrainLoader:
     return PretrainLoader(train_dir, languages, [], {"mlm": 1.0}, args.alpha, args.seq, args.batch, mode="stream",
                           seed=args.seed, tokenizer=tokenizer)
+
+
+def project_defaults(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
+    """Fill the unset arguments from the project's params.yaml; return the model both sides train."""
+    params = load_params("pretrain", args.project / "params.yaml")
+    p = params.pretrain
+    args.seq = args.seq or p.seq_len
+    args.batch = args.batch or p.batch_size
+    args.lr = args.lr or p.optimizer.lr
+    args.mask_rate = args.mask_rate or p.masking.rate
+    if args.row_warmup is None:
+        args.row_warmup = p.seq_len_warmup.steps / p.steps if p.seq_len_warmup.start < args.seq else 0.0
+    args.row_start = p.seq_len_warmup.start
+    if args.preset:
+        return ModelConfig.preset(args.preset, vocab_size=vocab_size, dropout=0.0, attention_dropout=0.0,
+                                  max_positions=max(args.seq, 128))
+    config = model_config(params, vocab_size)
+    return replace(config, dropout=0.0, attention_dropout=0.0, use_lang_emb=False)
 
 
 class BudgetSchedule:
@@ -89,6 +120,18 @@ class BudgetSchedule:
             return 0.0
         f = min(1.0, (time.perf_counter() - self.start) / self.budget_s)
         return min(1.0, f / self.warmup_frac) * (1.0 - f)
+
+
+class BudgetRowLength:
+    """Our sequence-length warm-up in wall-clock time: the row length for the elapsed share of the budget."""
+
+    def __init__(self, seq_len: int, start: int, warmup_frac: float, budget_s: float):
+        # the pipeline's step schedule, on a clock of 10,000 ticks per budget
+        self.length = seq_len_schedule(seq_len, min(start, seq_len), round(warmup_frac * 10_000))
+        self.budget_s, self.start = budget_s, time.perf_counter()
+
+    def __call__(self) -> int:
+        return self.length(int(10_000 * (time.perf_counter() - self.start) / self.budget_s))
 
 
 def adamw(params, lr: float) -> torch.optim.Optimizer:
@@ -116,15 +159,17 @@ def train_ours(args: argparse.Namespace, config: ModelConfig, loader: PretrainLo
     optimizer = adamw(decay_groups(model), args.lr)
     schedule = BudgetSchedule(args.warmup_frac, budget_s)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    masking = MaskingConfig()
+    masking = MaskingConfig(mask_rate=args.mask_rate)
+    row_length = BudgetRowLength(args.seq, args.row_start, args.row_warmup, budget_s)
 
     def loss_fn(mod, batch):
         generator = torch.Generator().manual_seed(batch.chunk_seed)
-        return mlm_loss(mod, batch.model_inputs(), masking, generator)
+        return mlm_loss(mod, batch.cut_rows(row_length()).model_inputs(), masking, generator)
 
     trainer = Trainer(model, optimizer, scheduler, loss_fn, clip_norm=CLIP)
     start = time.perf_counter()
     schedule.begin()
+    row_length.start = start
     tokens = 0
     while time.perf_counter() - start < budget_s:
         micro_batches = next(loader)
@@ -204,7 +249,7 @@ def train_hf(args: argparse.Namespace, config: ModelConfig, loader: PretrainLoad
         use_cpu=True, seed=args.seed, report_to="none",   # ours trains on the CPU too
         save_strategy="no", logging_steps=50, dataloader_num_workers=0, dataloader_pin_memory=False,
         disable_tqdm=True)
-    collator = DataCollatorForLanguageModeling(hf_tok, mlm=True, mlm_probability=0.15)
+    collator = DataCollatorForLanguageModeling(hf_tok, mlm=True, mlm_probability=args.mask_rate)
     trainer = BudgetTrainer(model=model, args=targs, train_dataset=LoaderBlocks(loader), data_collator=collator,
                             callbacks=[budget], optimizers=(adamw(decay_groups(model), args.lr), None))
     trainer.train()
@@ -236,8 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not (shards / "train").is_dir():
         raise SystemExit(f"{shards / 'train'}: not found; run `dvc repro shard` in {args.project} first")
     languages = args.languages or _train_languages(shards, tokenizer)
-    config = ModelConfig.preset(args.preset, vocab_size=tokenizer.vocab_size, dropout=0.0, attention_dropout=0.0,
-                                max_positions=max(args.seq, 128))
+    config = project_defaults(args, tokenizer.vocab_size)
     budget_s = args.minutes * 60
     runs, scores = {}, {}
     with tempfile.TemporaryDirectory(prefix="xlm-quality-") as tmp:
@@ -254,9 +298,10 @@ def main(argv: list[str] | None = None) -> dict:
                 loader.close()
             scores[side] = held_out(model, args, shards / args.split, languages, tokenizer)
 
-    print(f"\nequal wall-clock: {args.minutes:g} min each; {args.preset} ({config.n_layers} × {config.d_model}), "
-          f"vocab {config.vocab_size}, seq {args.seq} × batch {args.batch}; held-out split: {args.split}, "
-          f"{args.eval_batches} batches per language")
+    print(f"\nequal wall-clock: {args.minutes:g} min each; {config.n_layers} × {config.d_model} (FFN {config.d_ff}, "
+          f"init std {config.init_std}), vocab {config.vocab_size}, seq {args.seq} × batch {args.batch}, lr {args.lr:g}, "
+          f"mask {args.mask_rate:g}; ours' row warm-up: {args.row_warmup:.0%} of the budget; held-out split: "
+          f"{args.split}, {args.eval_batches} batches per language")
     for side, run in runs.items():
         print(f"  {side:<5} {run['steps']:>6} steps  {run['tokens_per_s']:>7.0f} tokens/s")
     header = f"{'language':<10}" + "".join(f"{side + ' loss':>11}{side + ' acc':>10}" for side in runs)
@@ -267,8 +312,11 @@ def main(argv: list[str] | None = None) -> dict:
         if len(runs) == 2:
             verdict = "   yes" if scores["ours"][lang]["loss"] < scores["hf"][lang]["loss"] else "   NO"
         print(f"{lang:<10}{cells}{verdict}")
-    result = {"bench": "quality_vs_hf", "minutes": args.minutes, "preset": args.preset, "runs": runs,
-              "held_out": scores, "split": args.split}
+    result = {"bench": "quality_vs_hf", "minutes": args.minutes, "runs": runs, "held_out": scores,
+              "split": args.split, "model": {"n_layers": config.n_layers, "d_model": config.d_model,
+                                             "d_ff": config.d_ff, "init_std": config.init_std},
+              "seq": args.seq, "batch": args.batch, "lr": args.lr, "mask_rate": args.mask_rate,
+              "ours_row_warmup": args.row_warmup}
     if len(runs) == 2:
         result["ours_lower_on_every_language"] = all(
             scores["ours"][lang]["loss"] < scores["hf"][lang]["loss"] for lang in languages)

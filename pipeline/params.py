@@ -237,6 +237,7 @@ class ModelParams(Strict):
     d_model: Optional[int] = Field(default=None, ge=8)
     n_heads: Optional[int] = Field(default=None, ge=1)
     d_ff: Optional[int] = Field(default=None, ge=8)
+    init_std: Optional[float] = Field(default=None, gt=0, le=1, description="N(0, std) init; null = 0.02 (BERT)")
     dropout: float = Field(default=0.1, ge=0, lt=1)
     attention_dropout: float = Field(default=0.0, ge=0, lt=1)
     use_lang_emb: bool = False
@@ -284,9 +285,16 @@ class EmbeddingsParams(Strict):
     vectors: Optional[Union[str, dict[LangCode, str]]] = None
 
 
+class SeqLenWarmupParams(Strict):
+    # Stream-mode MLM/CLM rows start `start` tokens long and double in equal stretches until seq_len at `steps`.
+    start: int = Field(default=16, ge=8)
+    steps: int = Field(default=0, ge=0, description="0 = off: every step trains on seq_len")
+
+
 class PretrainParams(Strict):
     model: ModelParams = ModelParams()
     seq_len: int = Field(default=128, ge=8)
+    seq_len_warmup: SeqLenWarmupParams = SeqLenWarmupParams()
     batch_size: int = Field(default=32, ge=1, description="sequences per optimizer step, all ranks together")
     accum_steps: int = Field(default=1, ge=1)
     mode: Literal["stream", "sentence"] = "stream"
@@ -318,6 +326,15 @@ class PretrainParams(Strict):
             raise ValueError("objectives: at least one of mlm, tlm, clm needs a weight > 0")
         if self.batch_size % self.accum_steps:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of accum_steps ({self.accum_steps})")
+        warmup = self.seq_len_warmup
+        if warmup.steps and warmup.start < self.seq_len:
+            ratio = self.seq_len // warmup.start
+            if self.seq_len % warmup.start or ratio & (ratio - 1):
+                raise ValueError(f"seq_len_warmup.start = {warmup.start}: seq_len ({self.seq_len}) / start must be a "
+                                 f"power of two (e.g. start {self.seq_len // 8} or {self.seq_len // 4})")
+            if self.mode != "stream":
+                raise ValueError("seq_len_warmup needs mode: stream (sentence mode has no fixed rows to cut); "
+                                 "set seq_len_warmup.steps: 0")
         return self
 
 

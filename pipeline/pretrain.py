@@ -57,7 +57,7 @@ from xlm_core.model import ModelConfig, XLMModel
 from xlm_core.objectives import LanguageDiscriminator, MaskingConfig, ObjectivesConfig, total_loss
 from xlm_core.shards import ShardError, ShardSet
 from xlm_core.tokenizer import Tokenizer, TokenizerError
-from xlm_core.trainer import Trainer, TrainingDiverged, lr_multiplier
+from xlm_core.trainer import Trainer, TrainingDiverged, lr_multiplier, seq_len_schedule
 
 # Keys of the pretrain section that change what is computed; the others (logging, checkpoint cadence, threads,
 # process count, compile) can change between a kill and a resume without invalidating the checkpoint.
@@ -90,7 +90,8 @@ class PretrainTask(torch.nn.Module):
 # ----------------------------------------------------------------------------------------------------- settings
 def model_config(params: StageParams, vocab_size: int) -> ModelConfig:
     p = params.pretrain.model
-    overrides = {k: getattr(p, k) for k in ("n_layers", "d_model", "n_heads", "d_ff") if getattr(p, k) is not None}
+    overrides = {k: getattr(p, k) for k in ("n_layers", "d_model", "n_heads", "d_ff", "init_std")
+                 if getattr(p, k) is not None}
     try:
         return ModelConfig.preset(
             p.preset, vocab_size=vocab_size, n_languages=len(params.languages), use_lang_emb=p.use_lang_emb,
@@ -415,8 +416,12 @@ def pretrain(params: StageParams, shards_dir: Path, tokenizer_dir: Path, checkpo
     schedule = lr_multiplier(p.optimizer.schedule, p.optimizer.warmup_steps, p.steps, p.optimizer.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
+    row_length = seq_len_schedule(p.seq_len, p.seq_len_warmup.start, p.seq_len_warmup.steps)
+
     def loss_fn(mod, batch):
         torch.manual_seed(batch.chunk_seed ^ 0x5EED)  # dropout draws: per chunk, stateless
+        if batch.objective != "tlm":  # a pair is one unit: TLM rows keep their length
+            batch = batch.cut_rows(row_length(batch.step))
         return mod(batch.model_inputs(), batch.objective, batch.chunk_seed, batch.step)
 
     trainer = Trainer(module, optimizer, scheduler, loss_fn, clip_norm=p.optimizer.clip_norm,
@@ -460,7 +465,8 @@ def pretrain(params: StageParams, shards_dir: Path, tokenizer_dir: Path, checkpo
                 figures = {"train/loss": result.loss, "train/lr": result.lr, "train/grad_norm": result.grad_norm,
                            "train/tokens_per_s": tps, "train/mfu": tps * flops.model / peak if peak else 0.0,
                            "train/hfu": tps * flops.hardware / peak if peak else 0.0,
-                           "train/skipped_steps": float(trainer.skipped_total)}
+                           "train/skipped_steps": float(trainer.skipped_total),
+                           "train/row_length": float(row_length(step - 1))}
                 # "adv_accuracy" and "adv_accuracy/en" cannot both be DVCLive names (a value and a folder)
                 figures.update({f"train/{k.replace('/', '_')}": v for k, v in result.logs.items() if k != "loss"})
                 logger.log(step, figures)

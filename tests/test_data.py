@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +24,7 @@ from pipeline.shard import LANG_TYPE, ShardResult, build_manifest, shard_schema
 from xlm_core.atomic import sha256_file
 from xlm_core.data import (DataError, PretrainLoader, chunk_seed, iter_eval_batches, open_split, sampling_probs)
 from xlm_core.special_tokens import BOS, EOS, PAD
+from xlm_core.trainer import seq_len_schedule
 
 LANGS = ["en", "fr", "es"]
 PAIRS = ["en-fr", "en-es"]
@@ -429,3 +431,28 @@ def test_split_fingerprint_and_counts(shards):
     assert split.lang_tokens == {lang: sum(len(s) for _, l, s in shards["mono"] if l == lang) for lang in LANGS}
     assert set(split.pair_tokens) == set(PAIRS)
     assert len(split.files("mono")) == 3 and len(split.fingerprint) == 64
+
+
+def test_sequence_length_warmup_cuts_stream_rows_and_keeps_every_token(shards):
+    length = seq_len_schedule(128, 16, 300)
+    assert [length(s) for s in (0, 99, 100, 199, 200, 299, 300, 10_000)] == [16, 16, 32, 32, 64, 64, 128, 128]
+    assert seq_len_schedule(128, 16, 0)(0) == 128                       # off
+    with pytest.raises(ValueError, match="power of two"):
+        seq_len_schedule(128, 24, 100)
+
+    loader = PretrainLoader(**loader_kwargs(shards, objectives={"mlm": 1.0}, seq_len=32, batch_size=4, prefetch=0))
+    (batch,) = next(loader)
+    cut = batch.cut_rows(8)
+    assert cut.input_ids.shape == (16, 8) and cut.lang_ids.shape == (16, 8)
+    assert torch.equal(cut.input_ids.reshape(4, 32), batch.input_ids)  # same tokens, same order
+    assert (cut.n_tokens, cut.chunk_seed, cut.step) == (batch.n_tokens, batch.chunk_seed, batch.step)
+    assert batch.cut_rows(32) is batch
+
+    padded = replace(batch, input_ids=batch.input_ids.clone())
+    padded.input_ids[3, 16:] = PAD                                        # the last row's second half is padding
+    assert padded.cut_rows(8).input_ids.shape == (14, 8)                  # its two all-pad rows go
+    assert padded.cut_rows(8).input_ids.ne(PAD).any(dim=1).all()
+
+    tlm = replace(batch, objective="tlm", position_ids=torch.zeros_like(batch.input_ids))
+    with pytest.raises(ValueError, match="stream-mode rows"):
+        tlm.cut_rows(8)

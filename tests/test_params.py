@@ -40,6 +40,10 @@ def test_the_shipped_params_validate_for_every_stage():
     (lambda d: d.update(languages=["en", "eng"]), "clean", "unknown language code 'eng'"),
     (lambda d: d.update(pairs=["en-de"]), "clean", "pairs: 'en-de' uses 'de', which is not in languages"),
     (lambda d: d["pretrain"]["masking"].update(mask=0.5), "pretrain", "mask + random + keep must be 1"),
+    (lambda d: d["pretrain"]["seq_len_warmup"].update(start=24, steps=100), "pretrain",
+     "seq_len_warmup.start = 24: seq_len (128) / start must be a power of two (e.g. start 16 or 32)"),
+    (lambda d: d["pretrain"].update(mode="sentence", token_budget=512), "pretrain",
+     "seq_len_warmup needs mode: stream"),
 ])
 def test_errors_name_key_value_and_what_is_allowed(tmp_path, mutate, section, expected):
     with pytest.raises(PipelineError) as info:

@@ -27,6 +27,7 @@ ROWS = {"en": 300, "fr": 300, "ru": 300}
 PRETRAIN = {
     "model": {"preset": "tiny", "dropout": 0.1, "attention_dropout": 0.0},
     "seq_len": 32, "batch_size": 8, "accum_steps": 1, "mode": "stream",
+    "seq_len_warmup": {"start": 8, "steps": 12},   # rows of 8, then 16, then 32 from step 12: resume crosses them
     "objectives": {"mlm": 1.0, "tlm": 0.5}, "alpha": 0.5,
     "adversarial": {"weight": 0.1, "lambda_max": 0.5, "warmup_steps": 5, "hidden": 32},
     "optimizer": {"lr": 0.002, "warmup_steps": 5, "schedule": "linear"},
@@ -81,6 +82,9 @@ def test_trains_and_writes_model(corpus, tmp_path):
     metrics = yaml.safe_load((run_dir / "metrics.json").read_text())
     assert set(metrics["valid"]) >= {f"mlm_loss/{lang}" for lang in LANGS}
     assert (run_dir / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv").exists()
+    row_lengths = (run_dir / "dvclive" / "plots" / "metrics" / "train" / "row_length.tsv").read_text().split("\n")
+    assert [float(line.split("\t")[-1]) for line in row_lengths[1:] if line] == \
+        [8.0, 8.0, 16.0, 16.0, 32.0, 32.0, 32.0, 32.0]                     # logged at steps 3, 6, ..., 24
     # a rerun with the same settings finds the final checkpoint and does not train again
     again = run(pretrain_cmd(run_dir, corpus), ROOT, env=env1())
     assert "resuming from step-000000024" in again.stderr and "step 1/24" not in again.stderr

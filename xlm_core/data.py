@@ -425,6 +425,20 @@ class Batch:
     def to(self, device: Union[str, torch.device], non_blocking: bool = True) -> "Batch":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
+    def cut_rows(self, length: int) -> "Batch":
+        """Stream-mode rows [B, T] cut into [B·T/length, length] (the sequence-length curriculum); rows that are
+        all padding are dropped. The same tokens in the same order, so n_tokens and chunk_seed stay as they are."""
+        T = self.input_ids.shape[1]
+        if length >= T:
+            return self
+        if self.position_ids is not None or T % length:
+            raise ValueError(f"cut_rows({length}): needs stream-mode rows whose length ({T}) it divides")
+        ids = self.input_ids.reshape(-1, length)
+        real = ids.ne(PAD).any(dim=1)
+        keep = None if bool(real.all()) else real
+        cut = (lambda t: t.reshape(-1, length)) if keep is None else (lambda t: t.reshape(-1, length)[keep])
+        return self._map(cut)
+
     def pin_memory(self) -> "Batch":
         return self._map(lambda t: t.pin_memory())
 
