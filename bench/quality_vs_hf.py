@@ -10,7 +10,7 @@ HF's ``Trainer`` reads the very blocks our loader yields (``xlm_core.data.Pretra
 language sampling α = 0.5), through an ``IterableDataset``, and masks them with its own
 ``DataCollatorForLanguageModeling`` at the same rate (80/10/10). The project's batch size, mask rate and peak lr are
 used on both sides. Optimiser settings are equal too: AdamW (β 0.9/0.98, ε 1e-6, weight decay 0.01 on Linear weights
-only, fused where torch has it), gradient clipping at 1.0, and one learning-rate schedule in wall-clock time: linear
+only, fused), gradient clipping at 1.0, and one learning-rate schedule in wall-clock time: linear
 warm-up over the first 5 % of the budget, then a linear decay that reaches zero when the budget runs out (the budget
 schedule of Geiping & Goldstein's "Cramming": the number of steps each side will reach is not known in advance, and a
 constant rate leaves the last steps' language dominating the output bias). Each side trains until its budget is spent
@@ -50,7 +50,7 @@ from xlm_core.hf import from_hf, hf_config  # noqa: E402
 from xlm_core.metrics import masked_lm_score  # noqa: E402
 from xlm_core.model import ModelConfig, XLMModel  # noqa: E402
 from xlm_core.objectives import MaskingConfig, mlm_loss  # noqa: E402
-from xlm_core.tokenizer import SPM_MODEL, Tokenizer  # noqa: E402
+from xlm_core.tokenizer import Tokenizer  # noqa: E402
 from xlm_core.trainer import Trainer, seq_len_schedule  # noqa: E402
 
 BETAS, EPS, WEIGHT_DECAY, CLIP = (0.9, 0.98), 1e-6, 0.01, 1.0
@@ -135,10 +135,7 @@ class BudgetRowLength:
 
 
 def adamw(params, lr: float) -> torch.optim.Optimizer:
-    try:
-        return torch.optim.AdamW(params, lr=lr, betas=BETAS, eps=EPS, fused=True)
-    except (RuntimeError, TypeError):  # fused AdamW on CPU needs torch ≥ 2.4
-        return torch.optim.AdamW(params, lr=lr, betas=BETAS, eps=EPS)
+    return torch.optim.AdamW(params, lr=lr, betas=BETAS, eps=EPS, fused=True)
 
 
 def decay_groups(model: torch.nn.Module) -> list[dict]:

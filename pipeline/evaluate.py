@@ -30,7 +30,7 @@ from pipeline.params import ClassificationSuite, RetrievalSuite, StageParams, lo
 from xlm_core import checkpoint as ckpt
 from xlm_core.atomic import atomic_dir, atomic_file, write_json
 from xlm_core.data import DataError, iter_eval_batches
-from xlm_core.metrics import (LMScore, bitext_retrieval, causal_lm_score, center, default_layer,
+from xlm_core.metrics import (LMScore, bitext_retrieval, causal_lm_score, center, default_layer, unigram_score,
                               label_indices, masked_lm_score, pooled_embeddings, train_linear_probe)
 from xlm_core.model import ModelConfig, XLMModel
 from xlm_core.objectives import LanguageDiscriminator
@@ -320,13 +320,29 @@ def score_model(model: XLMModel, discriminator: Optional[LanguageDiscriminator],
     _score_bitexts(embed, plan, ev, figures, counts)
     progress.update(1)
     _score_suites(embed, plan, ev, progress, figures, counts)
+    _add_means(figures)
+    return figures, counts
+
+
+def unigram_floor(plan: Plan, ev, vocab_size: int) -> dict[Key, float]:
+    """MLM figures of the best context-free guess on each language's test targets (the same targets as the models')."""
+    figures: dict[Key, float] = {}
+    for lang in plan.languages:
+        score = unigram_score(_eval_batches(plan, ev, "mlm", lang), vocab_size, ev.mask_rate)
+        if score.targets:
+            figures[("mlm_accuracy", lang)] = score.accuracy
+            figures[("mlm_perplexity", lang)] = score.perplexity
+    _add_means(figures)
+    return figures
+
+
+def _add_means(figures: dict[Key, float]) -> None:
     for metric in ("mlm_accuracy", "mlm_perplexity", "tlm_accuracy", "clm_perplexity", "retrieval_accuracy"):
         values = [v for k, v in figures.items() if len(k) == 2 and k[0] == metric]
         if len(values) > 1:
             # perplexities average geometrically (the mean of the per-language cross-entropies)
             mean = (math.exp(np.mean(np.log(values))) if metric.endswith("perplexity") else float(np.mean(values)))
             figures[(metric, "mean")] = mean
-    return figures, counts
 
 
 def _score_language_models(model, discriminator, plan: Plan, ev, device, progress, figures, counts) -> None:
@@ -536,7 +552,7 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def render_report(per_model: dict[str, dict[Key, float]], counts: dict[Key, int], plan: Plan, ev,
-                  config: ModelConfig, plots_rel: str) -> str:
+                  config: ModelConfig, plots_rel: str, floor: Optional[dict[Key, float]] = None) -> str:
     names = list(per_model)
 
     def cells(metric_path: tuple, perplexity: bool = False) -> list[str]:
@@ -547,11 +563,13 @@ def render_report(per_model: dict[str, dict[Key, float]], counts: dict[Key, int]
              f"{'causal' if config.causal else 'bidirectional'}. Test split: `{plan.test_dir}`. "
              + ("The baseline is the same architecture randomly initialised (seed "
                 f"{ev.seed}): the floor of every figure." if "baseline" in names else ""), ""]
-    rows = [[lang, *cells(("mlm_accuracy", lang)), *cells(("mlm_perplexity", lang), True),
+    floor = floor or {}
+    rows = [[lang, *cells(("mlm_accuracy", lang)), _fmt(floor.get(("mlm_accuracy", lang))),
+             *cells(("mlm_perplexity", lang), True), _fmt(floor.get(("mlm_perplexity", lang)), True),
              str(counts.get(("mlm_targets", lang), 0))] for lang in plan.languages]
-    lines += _table("Masked LM (test split)",
-                    ["language", *[f"accuracy ({n})" for n in names], *[f"perplexity ({n})" for n in names],
-                     "targets"], rows)
+    lines += _table("Masked LM (test split; unigram = the best context-free guess at the same targets)",
+                    ["language", *[f"accuracy ({n})" for n in names], "accuracy (unigram)",
+                     *[f"perplexity ({n})" for n in names], "perplexity (unigram)", "targets"], rows)
     rows = [[pair, *cells(("tlm_accuracy", pair)), *cells(("tlm_perplexity", pair), True)] for pair in plan.pairs]
     lines += _table("Translation LM (both sides masked)",
                     ["pair", *[f"accuracy ({n})" for n in names], *[f"perplexity ({n})" for n in names]], rows)
@@ -676,7 +694,8 @@ def evaluate(params: StageParams, model_dir: Path, shards_dir: Path, checkpoints
     except DataError as exc:
         raise PipelineError(str(exc)) from None
 
-    metrics = assemble_metrics(per_model, counts)
+    floor = unigram_floor(plan, ev, model_files.config.vocab_size)
+    metrics = assemble_metrics({**per_model, "unigram": floor}, counts)
     in_pairs = {lang for b in plan.bitexts.values() for lang in (b.src_lang, b.tgt_lang)}
     heatmap_languages = [lang for lang in plan.model_languages if lang in in_pairs]
     with atomic_dir(plots_dir) as tmp:
@@ -686,7 +705,7 @@ def evaluate(params: StageParams, model_dir: Path, shards_dir: Path, checkpoints
         save_png(retrieval_heatmap(per_model, heatmap_languages, ev.scoring), tmp / "retrieval.png")
         save_png(perplexity_bars(per_model, plan.languages), tmp / "perplexity.png")
     plots_rel = Path(os.path.relpath(plots_dir.resolve(), report_path.parent.resolve())).as_posix()
-    report = render_report(per_model, counts, plan, ev, model_files.config, plots_rel)
+    report = render_report(per_model, counts, plan, ev, model_files.config, plots_rel, floor)
     with atomic_file(report_path, "w", encoding="utf-8") as fh:
         fh.write(report + "\n")
     write_json(metrics_path, metrics)

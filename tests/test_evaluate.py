@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,10 +22,10 @@ from pipeline.tokenizer import train_tokenizer
 from test_tokenizer import write_clean, write_params_file
 from xlm_core import checkpoint as ckpt
 from xlm_core.data import iter_eval_batches
-from xlm_core.metrics import (bitext_retrieval, center, masked_lm_score, pooled_embeddings, ratio_margin,
-                              train_linear_probe)
+from xlm_core.metrics import (bitext_retrieval, center, eval_masking, masked_lm_score, pooled_embeddings,
+                              ratio_margin, train_linear_probe, unigram_score)
 from xlm_core.model import ModelConfig, XLMModel
-from xlm_core.objectives import LanguageDiscriminator
+from xlm_core.objectives import LanguageDiscriminator, mask_tokens
 from xlm_core.tokenizer import Tokenizer
 
 LANGS = ["en", "fr", "ru", "ar"]
@@ -218,6 +220,20 @@ def test_masked_lm_score_is_identical_across_reruns(tiny_run):
     assert 0 < a.perplexity < float("inf")
 
 
+def test_unigram_floor_guesses_the_most_frequent_piece_at_the_models_targets():
+    vocab = 40
+    rows = torch.tensor([[10] * 12 + [11] * 6 + [12] * 2, [10] * 8 + [13] * 10 + [1] * 2])   # 1 = <pad>, never a target
+    batches = [SimpleNamespace(input_ids=rows, chunk_seed=7)]
+    floor = unigram_score(batches, vocab, 0.5)
+    # the targets masked_lm_score would draw from the same seed
+    masked = mask_tokens(rows, vocab, eval_masking(0.5), torch.Generator().manual_seed(7))
+    p = {10: 20 / 38, 11: 6 / 38, 12: 2 / 38, 13: 10 / 38}
+    assert floor.targets == masked.targets.numel() == 19
+    assert floor.correct == int((masked.targets == 10).sum())
+    expected = -sum(math.log(p[int(t)]) for t in masked.targets) / 19
+    assert floor.loss == pytest.approx(expected)
+
+
 def test_plots_have_labelled_axes():
     per_model = {"trained": {("retrieval_accuracy", "en-fr"): 0.8, ("retrieval_accuracy", "fr-en"): 0.7,
                              ("mlm_perplexity", "en"): 30.0, ("mlm_perplexity", "fr"): 40.0},
@@ -245,8 +261,9 @@ def test_evaluate_writes_metrics_plots_and_report(tiny_run, tmp_path):
     assert on_disk == metrics
     for lang in LANGS:
         figure = metrics["mlm_perplexity"][lang]
-        assert set(figure) == {"trained", "baseline"} and figure["trained"] > 1
+        assert set(figure) == {"trained", "baseline", "unigram"} and figure["trained"] > 1
         assert 0 <= metrics["mlm_accuracy"][lang]["trained"] <= 1
+        assert 0 < metrics["mlm_accuracy"][lang]["unigram"] < 1 and 1 < figure["unigram"] < figure["baseline"]
         assert metrics["mlm_targets"][lang] > 0
     for pair in PAIRS:
         src, tgt = pair.split("-")
@@ -277,6 +294,7 @@ def test_evaluate_writes_metrics_plots_and_report(tiny_run, tmp_path):
     report = (root / "reports" / "eval.md").read_text()
     assert "](eval/retrieval.png)" in report and "](eval/perplexity.png)" in report
     assert "| en → fr |" in report and "mini_bitext" in report and "topics" in report
+    assert "accuracy (unigram)" in report
     assert not list((root / "reports").glob("*.tmp-*")) and not list((root / "metrics").glob("*.tmp-*"))
 
     # reruns give the same figures (fixed-seed masks, deterministic probe)
@@ -292,7 +310,7 @@ def test_margin_scoring_and_no_baseline(tiny_run, tmp_path):
     params.write_text(yaml.safe_dump(data))
     metrics = evaluate(load_params("evaluate", params), root / "model", root / "shards", root / "checkpoints",
                        tmp_path / "eval.json", tmp_path / "eval.md", tmp_path / "plots")
-    assert set(metrics["mlm_accuracy"]["en"]) == {"trained"}
+    assert set(metrics["mlm_accuracy"]["en"]) == {"trained", "unigram"}
     assert "suites" not in metrics
     assert "margin" in (tmp_path / "eval.md").read_text()
 

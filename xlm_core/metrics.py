@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from xlm_core.model import XLMModel
-from xlm_core.objectives import MaskingConfig, build_mono_batch, mask_tokens, masked_mean
+from xlm_core.objectives import MaskingConfig, build_mono_batch, mask_tokens, maskable, masked_mean
 
 SCORINGS = ("cosine", "margin")
 
@@ -110,6 +110,33 @@ def masked_lm_score(model: XLMModel, batches: Iterable[EvalBatch], mask_rate: fl
             disc.correct += int((discriminator(pooled).argmax(-1) == labels).sum())
             disc.total += int(labels.numel())
     return score, disc
+
+
+@torch.inference_mode()
+def unigram_score(batches: Iterable[EvalBatch], vocab_size: int, mask_rate: float) -> LMScore:
+    """The best context-free guess at the targets ``masked_lm_score`` draws from these batches (same seeds).
+
+    The piece distribution is fitted on the very text scored (every maskable piece of the batches), so no model that
+    ignores context can beat it on this text: accuracy = always guessing the most frequent piece, perplexity = that
+    distribution's at the targets. A trained MLM that does not clear it has learned piece frequencies, not language.
+    """
+    masking = eval_masking(mask_rate)
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    targets = []
+    for batch in batches:
+        generator = torch.Generator().manual_seed(int(batch.chunk_seed))
+        masked = mask_tokens(batch.input_ids, vocab_size, masking, generator)
+        flat = batch.input_ids.reshape(-1)
+        counts += torch.bincount(flat[maskable(flat, vocab_size)], minlength=vocab_size).double()
+        targets.append(masked.targets)
+    score = LMScore()
+    if targets and counts.sum() > 0:
+        log_p = (counts / counts.sum()).log()
+        target = torch.cat(targets)
+        score.loss_sum = float(-log_p[target].sum())
+        score.correct = int((target == counts.argmax()).sum())
+        score.targets = int(target.numel())
+    return score
 
 
 @torch.inference_mode()

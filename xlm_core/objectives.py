@@ -70,6 +70,11 @@ def frequency_weights(counts: torch.Tensor, exponent: float = 0.5) -> torch.Tens
     return weights
 
 
+def maskable(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """True at ordinary pieces, the only possible MLM targets (special ids and <mask> never are)."""
+    return (ids >= FIRST_PIECE) & (ids != mask_id(vocab_size))
+
+
 def mask_tokens(input_ids: torch.Tensor, vocab_size: int, cfg: MaskingConfig, generator: torch.Generator,
                 target_weights: Optional[torch.Tensor] = None) -> MaskedTokens:
     """Choose round(mask_rate × maskable tokens) targets in the batch and corrupt them 80/10/10.
@@ -87,8 +92,8 @@ def mask_tokens(input_ids: torch.Tensor, vocab_size: int, cfg: MaskingConfig, ge
     device, rng_device = input_ids.device, generator.device
     flat = input_ids.reshape(-1)
     mask_token = mask_id(vocab_size)
-    maskable = (flat >= FIRST_PIECE) & (flat != mask_token)
-    n_maskable = int(maskable.sum())
+    candidates = maskable(flat, vocab_size)
+    n_maskable = int(candidates.sum())
     if n_maskable == 0:
         raise ValueError("MLM batch has no maskable token (only special tokens and padding)")
     n_targets = max(1, int(cfg.mask_rate * n_maskable + 0.5))
@@ -98,7 +103,7 @@ def mask_tokens(input_ids: torch.Tensor, vocab_size: int, cfg: MaskingConfig, ge
         score = u
     else:  # log(u)/w orders like u^(1/w); clamp so u = 0 cannot tie with the -inf of non-maskable tokens
         score = u.clamp_min(1e-30).log() / target_weights.to(device)[flat].clamp_min(1e-30)
-    score = score.masked_fill(~maskable, float("-inf"))
+    score = score.masked_fill(~candidates, float("-inf"))
     target_index = score.topk(n_targets, sorted=False).indices.sort().values
     targets = flat[target_index]
 
