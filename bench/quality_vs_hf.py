@@ -35,6 +35,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -115,23 +116,19 @@ class BudgetSchedule:
     def begin(self) -> None:
         self.start = time.perf_counter()
 
+    def elapsed(self) -> float:
+        """The share of the budget spent since ``begin()``, in [0, 1]."""
+        return 0.0 if self.start is None else min(1.0, (time.perf_counter() - self.start) / self.budget_s)
+
     def __call__(self, step: int) -> float:
-        if self.start is None:
-            return 0.0
-        f = min(1.0, (time.perf_counter() - self.start) / self.budget_s)
+        f = self.elapsed()
         return min(1.0, f / self.warmup_frac) * (1.0 - f)
 
 
-class BudgetRowLength:
-    """Our sequence-length warm-up in wall-clock time: the row length for the elapsed share of the budget."""
-
-    def __init__(self, seq_len: int, start: int, warmup_frac: float, budget_s: float):
-        # the pipeline's step schedule, on a clock of 10,000 ticks per budget
-        self.length = seq_len_schedule(seq_len, min(start, seq_len), round(warmup_frac * 10_000))
-        self.budget_s, self.start = budget_s, time.perf_counter()
-
-    def __call__(self) -> int:
-        return self.length(int(10_000 * (time.perf_counter() - self.start) / self.budget_s))
+def budget_row_length(seq_len: int, start: int, warmup_frac: float, clock: BudgetSchedule) -> Callable[[], int]:
+    """Our sequence-length warm-up in wall-clock time: the pipeline's step schedule on 10,000 ticks per budget."""
+    length = seq_len_schedule(seq_len, min(start, seq_len), round(warmup_frac * 10_000))
+    return lambda: length(int(10_000 * clock.elapsed()))
 
 
 def adamw(params, lr: float) -> torch.optim.Optimizer:
@@ -157,7 +154,7 @@ def train_ours(args: argparse.Namespace, config: ModelConfig, loader: PretrainLo
     schedule = BudgetSchedule(args.warmup_frac, budget_s)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     masking = MaskingConfig(mask_rate=args.mask_rate)
-    row_length = BudgetRowLength(args.seq, args.row_start, args.row_warmup, budget_s)
+    row_length = budget_row_length(args.seq, args.row_start, args.row_warmup, schedule)
 
     def loss_fn(mod, batch):
         generator = torch.Generator().manual_seed(batch.chunk_seed)
@@ -166,7 +163,6 @@ def train_ours(args: argparse.Namespace, config: ModelConfig, loader: PretrainLo
     trainer = Trainer(model, optimizer, scheduler, loss_fn, clip_norm=CLIP)
     start = time.perf_counter()
     schedule.begin()
-    row_length.start = start
     tokens = 0
     while time.perf_counter() - start < budget_s:
         micro_batches = next(loader)

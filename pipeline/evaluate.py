@@ -1,14 +1,15 @@
 """The `evaluate` stage: score data/model on the test shards, beside the floor of a randomly initialised twin.
 
-    MLM accuracy/perplexity per language and TLM per pair (fixed-seed masks), CLM perplexity when the model was
-    trained causally, the language discriminator's accuracy when adversarial training was on, bitext retrieval for
-    every configured pair (XTREME's Tatoeba protocol: mean-pooled middle layer, cosine or ratio-margin nearest
-    neighbour, top-1 both ways; with `center`, each language's vectors first lose their mean over all of that
-    language's test sentences in the configured pairs, a suite's over the suite's file), and the user's suites from params.yaml (retrieval on line-aligned files;
-    zero-shot classification with a linear probe trained on one language).
+    MLM accuracy/perplexity per language (beside the unigram floor: the best context-free guess at the same
+    targets) and TLM per pair (fixed-seed masks), CLM perplexity when the model was trained causally, the language
+    discriminator's accuracy when adversarial training was on, bitext retrieval for every configured pair (XTREME's
+    Tatoeba protocol: mean-pooled layer `evaluate.layer`, cosine or ratio-margin nearest neighbour, top-1 both ways;
+    with `center`, each language's vectors first lose their mean over all of that language's test sentences in the
+    configured pairs, a suite's over the suite's file), and the user's suites from params.yaml (retrieval on
+    line-aligned files; zero-shot classification with a linear probe trained on one language).
 
 Outputs (each written atomically): metrics/eval.json (`dvc metrics show`: metric -> language/pair ->
-{trained, baseline}), reports/eval/*.json (`dvc plots show` data), reports/eval/*.png and reports/eval.md.
+{trained, baseline, unigram}), reports/eval/*.json (`dvc plots show` data), reports/eval/*.png and reports/eval.md.
 Everything the run needs is validated before any output is touched.
 """
 from __future__ import annotations

@@ -433,11 +433,10 @@ class Batch:
             return self
         if self.position_ids is not None or T % length:
             raise ValueError(f"cut_rows({length}): needs stream-mode rows whose length ({T}) it divides")
-        ids = self.input_ids.reshape(-1, length)
-        real = ids.ne(PAD).any(dim=1)
-        keep = None if bool(real.all()) else real
-        cut = (lambda t: t.reshape(-1, length)) if keep is None else (lambda t: t.reshape(-1, length)[keep])
-        return self._map(cut)
+        real = self.input_ids.reshape(-1, length).ne(PAD).any(dim=1)
+        if bool(real.all()):  # the usual case: a view, no copy
+            return self._map(lambda t: t.reshape(-1, length))
+        return self._map(lambda t: t.reshape(-1, length)[real])
 
     def pin_memory(self) -> "Batch":
         return self._map(lambda t: t.pin_memory())
