@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.errors import fail, run_cli
+from pipeline.errors import disk_full_is_an_error, fail, run_cli
 from pipeline.fanout import FanOut, run_stage
 from pipeline.params import PARAMS_FILE, CleanParams, StageParams, load_params
 from xlm_core.atomic import atomic_dir, write_json
@@ -722,7 +722,7 @@ def clean(params: StageParams, raw_dir: str | Path = "data/raw", out_dir: str | 
         # so a killed run's leftovers are cleared by the next one. Units get absolute paths (Dask workers may run
         # in another folder).
         scratch = tempfile.TemporaryDirectory(prefix=f"{out_dir.name}.tmp-{os.getpid()}-work-", dir=out_dir.parent)
-        with scratch as work, atomic_dir(out_dir) as staging:
+        with disk_full_is_an_error("clean", out_dir), scratch as work, atomic_dir(out_dir) as staging:
             return _run(fan, params, plan, Path(work).absolute(), staging)
 
     metrics = run_stage("clean", params.clean, stage, workers=os.cpu_count() or 1, executor=executor)

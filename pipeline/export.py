@@ -31,7 +31,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from pipeline.errors import PipelineError, run_cli
+from pipeline.errors import PipelineError, disk_full_is_an_error, run_cli
 from pipeline.params import StageParams, load_params
 from xlm_core import checkpoint as ckpt
 from xlm_core.atomic import atomic_dir
@@ -422,7 +422,7 @@ def export(params: StageParams, model_dir: Path, out_dir: Path, checkpoints_dir:
     from safetensors.torch import save_file
 
     exported = prepare_export(params, model_dir, checkpoints_dir, shards_manifest, pretrain_metrics)
-    with atomic_dir(out_dir) as tmp:
+    with disk_full_is_an_error("export", out_dir), atomic_dir(out_dir) as tmp:
         save_file(exported.weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for name, data in exported.files.items():
             (tmp / name).write_bytes(data)

@@ -48,10 +48,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import PipelineError, run_cli
+from pipeline.errors import PipelineError, disk_full_is_an_error, run_cli
 from pipeline.params import StageParams, load_params
 from xlm_core import checkpoint as ckpt
-from xlm_core.atomic import atomic_dir, atomic_file, disk_full_reason, is_disk_full, write_json
+from xlm_core.atomic import atomic_dir, atomic_file, write_json
 from xlm_core.data import DataError, PretrainLoader, iter_eval_batches
 from xlm_core.model import ModelConfig, XLMModel
 from xlm_core.objectives import LanguageDiscriminator, MaskingConfig, ObjectivesConfig, total_loss
@@ -501,15 +501,10 @@ def pretrain(params: StageParams, shards_dir: Path, tokenizer_dir: Path, checkpo
                    "params": model.num_params(non_embedding=False)}
         logger.close()
         final = ckpt.latest_checkpoint(checkpoints_dir)
-        try:
+        with disk_full_is_an_error("pretrain", f"{model_dir} or {metrics_path}",
+                                   outcome=f"training is complete in {final}, only the outputs are written again"):
             write_model_dir(final, model_dir, tokenizer_dir, cfg, params)
             write_json(metrics_path, metrics)
-        except Exception as exc:
-            if not is_disk_full(exc):
-                raise
-            raise PipelineError(f"disk full while writing {model_dir} or {metrics_path} ({disk_full_reason(exc)}); "
-                                f"free space and rerun `dvc repro pretrain`: training is complete in "
-                                f"{final}, only the outputs are written again") from None
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -31,10 +31,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.errors import PipelineError, run_cli
+from pipeline.errors import PipelineError, disk_full_is_an_error, run_cli
 from pipeline.fanout import FanOut, run_stage
 from pipeline.params import PARAMS_FILE, ShardParams, load_params
-from xlm_core.atomic import atomic_dir, atomic_path, disk_full_reason, is_disk_full, sha256_file, write_json
+from xlm_core.atomic import atomic_dir, atomic_path, sha256_file, write_json
 from xlm_core.shards import (KINDS, MANIFEST, MANIFEST_FORMAT, ShardError, ShardSet, iter_row_range, open_parquet,
                              shard_name)
 from xlm_core.tokenizer import Tokenizer, TokenizerError
@@ -249,19 +249,14 @@ def make_shards(params, clean_dir: str | Path = "data/clean", tokenizer_dir: str
           f"(vocab {tok.vocab_size}, ids {tok.ids_dtype}), {sp.threads} encode threads", file=sys.stderr)
     started = time.perf_counter()
     try:
-        results, manifests = _write_shards(tasks, tok, sp, tokenizer_dir, out_dir, executor)
-        elapsed = time.perf_counter() - started
-        tokens = sum(r.tokens for r in results)
-        print(f"shard: {tokens:,} tokens in {elapsed:.1f}s ({tokens / max(elapsed, 1e-9):,.0f} tokens/s)",
-              file=sys.stderr)
-        write_json(metrics_path, shard_metrics(manifests))
+        with disk_full_is_an_error(STAGE, out_dir):
+            results, manifests = _write_shards(tasks, tok, sp, tokenizer_dir, out_dir, executor)
     except (TokenizerError, ShardError) as exc:
         raise PipelineError(str(exc)) from None
-    except Exception as exc:
-        if not is_disk_full(exc):
-            raise
-        raise PipelineError(f"disk full while writing {out_dir} ({disk_full_reason(exc)}); free space on the disk "
-                            f"holding it and rerun `dvc repro shard`; the previous {out_dir} is untouched") from None
+    elapsed = time.perf_counter() - started
+    tokens = sum(r.tokens for r in results)
+    print(f"shard: {tokens:,} tokens in {elapsed:.1f}s ({tokens / max(elapsed, 1e-9):,.0f} tokens/s)", file=sys.stderr)
+    write_json(metrics_path, shard_metrics(manifests))
     return manifests
 
 

@@ -31,9 +31,9 @@ import pyarrow.compute as pc
 import sentencepiece as spm
 from tqdm import tqdm
 
-from pipeline.errors import PipelineError, run_cli
+from pipeline.errors import PipelineError, disk_full_is_an_error, run_cli
 from pipeline.params import PARAMS_FILE, TokenizerParams, load_params
-from xlm_core.atomic import atomic_dir, disk_full_reason, is_disk_full, sha256_file, write_json
+from xlm_core.atomic import atomic_dir, sha256_file, write_json
 from xlm_core.languages import NO_SPACE_LANGS
 from xlm_core.shards import ShardError, iter_row_range, open_parquet
 from xlm_core.special_tokens import FIRST_PIECE
@@ -267,39 +267,32 @@ def train_tokenizer(params, clean_dir: str | Path = "data/clean", out_dir: str |
     del sample
     print(f"tokenizer: trained in {time.perf_counter() - started:.1f}s", file=sys.stderr)
 
-    try:
-        with atomic_dir(out_dir) as tmp:
-            (tmp / SPM_MODEL).write_bytes(model_bytes)
-            write_vocab(model_bytes, tmp / SPM_VOCAB)
-            spm_pieces = spm.SentencePieceProcessor(model_proto=model_bytes).get_piece_size()
-            layout = id_layout(spm_pieces)
-            write_json(tmp / TOKENIZER_JSON, {
-                "layout": layout,
-                "vocab_size": layout["vocab_size"],
-                "spm_model": SPM_MODEL,
-                "spm_sha256": sha256_file(tmp / SPM_MODEL),
-                "training": {
-                    **tp.model_dump(),
-                    "languages": list(counts),
-                    "train_sentences": counts,
-                    "sample_sentences": sizes,
-                    "normalization_rule_name": "identity",
-                    "remove_extra_whitespaces": False,
-                },
-            })
-            try:
-                tok = Tokenizer.load(tmp)
-                metrics = measure(tok, valid_path, params.languages, tp.threads)
-            except (TokenizerError, ShardError) as exc:
-                raise PipelineError(str(exc)) from None
-            metrics["sample_sentences"] = sizes
-        write_json(metrics_path, metrics)
-    except Exception as exc:
-        if not is_disk_full(exc):
-            raise
-        raise PipelineError(f"disk full while writing {out_dir} ({disk_full_reason(exc)}); free space on the disk "
-                            f"holding it and rerun `dvc repro tokenizer`; the previous {out_dir} is untouched"
-                            ) from None
+    with disk_full_is_an_error(STAGE, out_dir), atomic_dir(out_dir) as tmp:
+        (tmp / SPM_MODEL).write_bytes(model_bytes)
+        write_vocab(model_bytes, tmp / SPM_VOCAB)
+        spm_pieces = spm.SentencePieceProcessor(model_proto=model_bytes).get_piece_size()
+        layout = id_layout(spm_pieces)
+        write_json(tmp / TOKENIZER_JSON, {
+            "layout": layout,
+            "vocab_size": layout["vocab_size"],
+            "spm_model": SPM_MODEL,
+            "spm_sha256": sha256_file(tmp / SPM_MODEL),
+            "training": {
+                **tp.model_dump(),
+                "languages": list(counts),
+                "train_sentences": counts,
+                "sample_sentences": sizes,
+                "normalization_rule_name": "identity",
+                "remove_extra_whitespaces": False,
+            },
+        })
+        try:
+            tok = Tokenizer.load(tmp)
+            metrics = measure(tok, valid_path, params.languages, tp.threads)
+        except (TokenizerError, ShardError) as exc:
+            raise PipelineError(str(exc)) from None
+        metrics["sample_sentences"] = sizes
+    write_json(metrics_path, metrics)
     return metrics
 
 

@@ -98,6 +98,33 @@ def test_the_error_line_stands_alone_after_nested_progress_bars(tmp_path):
     assert errors == ["error: [clean] language 'ru': all 30 segments were filtered out"], proc.stderr
 
 
+def test_a_full_disk_anywhere_is_one_line_naming_the_output_not_its_temporary(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from pipeline.errors import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    temporary = tmp_path / "data" / "clean.tmp-4242-1a2b3c4d" / "mono" / "train.parquet"
+
+    def write():
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", str(temporary))
+        except OSError as exc:
+            raise RuntimeError("the library's own wording") from exc   # found along the chain of causes
+
+    assert run_cli("clean", write) == 2
+    assert capsys.readouterr().err == (
+        "\rerror: [clean] disk full while writing data/clean/mono/train.parquet (No space left on device); free "
+        "space on the disk holding it and rerun `dvc repro clean`; the previous data/clean/mono/train.parquet is "
+        "untouched\n")
+
+    def bug():
+        raise OSError(errno.EACCES, "Permission denied")
+
+    with pytest.raises(OSError):          # anything else is a bug, with its traceback
+        run_cli("clean", bug)
+
+
 def test_xlm_cli_lists_every_stage():
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True,
                           env=project_env())
