@@ -81,7 +81,8 @@ def test_disk_full_under_dvc_repro_keeps_the_recorded_shards_and_reruns(finished
     # The full disk for the stage's command only: DVC itself (its lock, its cache) still has room.
     dvc_yaml = (proj / "dvc.yaml").read_text()
     limit = min(p.stat().st_size for p in shards.rglob("*.parquet")) // 2
-    limited = dvc_yaml.replace("cmd: python -m pipeline.shard", f"cmd: prlimit --fsize={limit} python -m pipeline.shard")
+    limited = dvc_yaml.replace("cmd: python -m pipeline.shard",
+                               f"cmd: prlimit --fsize={limit} python -m pipeline.shard")
     assert limited != dvc_yaml
     (proj / "dvc.yaml").write_text(limited)
 
