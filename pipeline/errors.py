@@ -5,6 +5,7 @@ import contextlib
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Iterator, NoReturn
 
@@ -74,20 +75,36 @@ def run_cli(stage: str, func: Callable[[], object]) -> int:
     try:
         func()
     except PipelineError as exc:
-        _print_error(stage, " ".join(str(exc).split("\n")))
+        _let_rank_zero_say_it()
+        print_error(stage, " ".join(str(exc).split("\n")))
         return exc.exit_code
     except KeyboardInterrupt:
-        _print_error(stage, "interrupted")
+        print_error(stage, "interrupted")
         return 130
     except Exception as exc:
         if not is_disk_full(exc):
             raise
-        _print_error(stage, disk_full_message(stage, _written_path(exc), exc))
+        _let_rank_zero_say_it()
+        print_error(stage, disk_full_message(stage, _written_path(exc), exc))
         return PipelineError.exit_code
     return 0
 
 
-def _print_error(stage: str, message: str) -> None:
+# How long a worker other than rank 0 waits before printing its error line (see _let_rank_zero_say_it).
+OTHER_RANK_WAIT_S = 5.0
+
+
+def _let_rank_zero_say_it() -> None:
+    """Under torchrun every rank meets the same user errors (same params, same data), and rank 0 prints the line.
+
+    Another rank waits a moment first: torchrun stops it as soon as rank 0 has exited, so the line is not repeated
+    once per worker, and an error only that rank met (rank 0 then waits for it in a collective) still gets printed.
+    """
+    if os.environ.get("RANK", "0") != "0":
+        time.sleep(OTHER_RANK_WAIT_S)
+
+
+def print_error(stage: str, message: str) -> None:
     # The leading carriage return starts the line at column 0 even after nested progress bars (the thread-pool
     # stages) closed: tqdm clears them with spaces and a cursor-up, which would otherwise glue the error to that
     # cleared line. Both a terminal and str.splitlines() then see the error as a line of its own.

@@ -1,7 +1,10 @@
 """The `pretrain` stage: train the encoder on the train shards; resume exactly after a kill; scale out with torchrun.
 
-dvc.yaml runs ``torchrun --standalone --nproc-per-node <pretrain.nproc> -m pipeline.pretrain``. Every rank runs this
-module; rank 0 alone logs (DVCLive, tqdm), validates and writes checkpoints and outputs.
+dvc.yaml runs ``python -m pipeline.pretrain``: with ``pretrain.nproc: 1`` it trains in that process; with more it
+starts the workers with torchrun's own launcher (``torch.distributed.run``, ``--standalone``), and a user error in a
+worker stays the worker's one line instead of torchrun's report. Multi-node runs start ``torchrun ... -m
+pipeline.pretrain`` on every node themselves. Every rank runs this module; rank 0 alone logs (DVCLive, tqdm), validates
+and writes checkpoints and outputs.
 
 Determinism (why a resumed run is byte-identical to an uninterrupted one, and a 2-rank run equals 1 rank with 2
 accumulation steps): the data loader's position is plain integers saved in each checkpoint; every micro-batch
@@ -48,7 +51,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import PipelineError, disk_full_is_an_error, run_cli
+from pipeline.errors import PipelineError, disk_full_is_an_error, print_error, run_cli
 from pipeline.params import StageParams, load_params
 from xlm_core import checkpoint as ckpt
 from xlm_core.atomic import atomic_dir, atomic_file, write_json
@@ -133,19 +136,26 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix]
 
 
-def pick_device(choice: str, local_rank: int, nproc: int) -> torch.device:
+def device_type(choice: str, nproc: int) -> str:
+    """"cuda" or "cpu" for ``pretrain.device``, once ``pretrain.nproc`` processes are known to fit this machine."""
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise PipelineError("params.yaml: pretrain.device = 'cuda' but no CUDA GPU is visible; use auto or cpu")
         if nproc > torch.cuda.device_count():
             raise PipelineError(f"params.yaml: pretrain.nproc = {nproc} but only {torch.cuda.device_count()} GPU(s) "
                                 f"are visible; lower nproc")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        return "cuda"
     cores = os.cpu_count() or 1
     if nproc > cores:
         raise PipelineError(f"params.yaml: pretrain.nproc = {nproc} exceeds the {cores} CPU cores of this machine; "
                             f"lower nproc (each process needs at least one core)")
+    return "cpu"
+
+
+def pick_device(choice: str, local_rank: int, nproc: int) -> torch.device:
+    if device_type(choice, nproc) == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
@@ -349,6 +359,8 @@ def pretrain(params: StageParams, shards_dir: Path, tokenizer_dir: Path, checkpo
     if p.threads:
         torch.set_num_threads(p.threads)
     autocast_dtype = pick_dtype(p.dtype, device)
+    _say(is_main, f"{world} process(es) on {device.type}"
+                  + (f", {p.parallel.upper()}" if world > 1 else "") + f", {torch.get_num_threads()} thread(s) each")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -580,8 +592,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", default="metrics/pretrain.json", type=Path)
     parser.add_argument("--live", default="dvclive/pretrain", type=Path)
     args = parser.parse_args(argv)
-    return run_cli("pretrain", lambda: pretrain(load_params("pretrain", args.params), args.shards, args.tokenizer,
-                                                args.checkpoints, args.out, args.metrics, args.live))
+    params: list[StageParams] = []
+
+    def load() -> None:
+        params.append(load_params("pretrain", args.params))
+        p = params[0].pretrain
+        device_type(p.device, p.nproc)   # before starting workers that could not run
+
+    if (code := run_cli("pretrain", load)) != 0:
+        return code
+    if params[0].pretrain.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return launch_workers(params[0].pretrain.nproc, sys.argv[1:] if argv is None else argv)
+    return run_cli("pretrain", lambda: pretrain(params[0], args.shards, args.tokenizer, args.checkpoints, args.out,
+                                                args.metrics, args.live))
+
+
+def launch_workers(nproc: int, argv: list[str]) -> int:
+    """Run ``nproc`` workers of this module on this node with torchrun's launcher; returns the exit status.
+
+    A worker that meets a user error prints its one line and exits 2 (run_cli); torchrun would then add its own error
+    log and a ChildFailedError traceback. Here that report is left out when a worker has said what is wrong, and
+    shortened to one line when none could (a crash prints its own traceback; a kill prints nothing).
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run as torchrun
+
+    launch_args = get_args_parser().parse_args(
+        ["--standalone", "--nproc-per-node", str(nproc), "-m", "pipeline.pretrain", *argv])
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")   # what torchrun sets, without its banner; pretrain.threads decides
+    try:
+        torchrun(launch_args)
+    except ChildFailedError as exc:
+        if any(f.exitcode == PipelineError.exit_code for f in exc.failures.values()):
+            return PipelineError.exit_code
+        rank, failure = exc.get_first_failure()
+        how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
+               else f"exited with status {failure.exitcode} (its output above says why)")
+        print_error("pretrain", f"worker rank {rank} {how}; run `dvc repro` again to resume from the newest checkpoint")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

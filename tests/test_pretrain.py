@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -168,11 +167,10 @@ def test_ddp_two_ranks_equal_one_rank_with_accumulation(corpus, tmp_path):
     write_run_params(single, corpus, accum_steps=2, nproc=1, **common)
     run(pretrain_cmd(single, corpus), ROOT, env=env1())
 
-    ddp = tmp_path / "ddp"
+    ddp = tmp_path / "ddp"   # nproc 2: `python -m pipeline.pretrain` starts two workers with torchrun's launcher
     write_run_params(ddp, corpus, accum_steps=1, nproc=2, **common)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           *pretrain_cmd(ddp, corpus)[1:]]
-    run(cmd, ROOT, env=env1())
+    launched = run(pretrain_cmd(ddp, corpus), ROOT, env=env1())
+    assert "pretrain: 2 process(es) on cpu, DDP" in launched.stderr, launched.stderr[-3000:]
     a = load_file(str(single / "model" / "model.safetensors"))
     b = load_file(str(ddp / "model" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -199,6 +197,44 @@ def test_word_vectors_initialise_embeddings(corpus, tmp_path):
                                                   "optimizer.lr": 1e-9})
     proc = run(pretrain_cmd(run_dir, corpus), ROOT, env=env1())
     assert "embeddings: initialised" in proc.stderr and "coverage" in proc.stderr
+
+
+def test_a_user_error_in_two_workers_is_one_line_not_torchruns_report(corpus, tmp_path):
+    run_dir = tmp_path / "bad"
+    write_run_params(run_dir, corpus, nproc=2, seq_len=4096)      # found by the workers, not by the launcher
+    proc = run(pretrain_cmd(run_dir, corpus), ROOT, env=env1(), check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert errors == [errors[0]] and "pretrain.seq_len = 4096 exceeds the model's max_positions" in errors[0], \
+        proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
+    assert not (run_dir / "model").exists()
+
+
+def test_a_worker_killed_by_the_os_is_one_line_from_the_launcher(corpus, tmp_path):
+    """An OOM kill of one worker prints nothing itself: the launcher names the rank and the signal, in one line."""
+    run_dir = tmp_path / "oom"
+    write_run_params(run_dir, corpus, nproc=2, steps=2000, checkpoint_every=5)
+    proc = subprocess.Popen(pretrain_cmd(run_dir, corpus), cwd=ROOT, env=env1(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(run_dir / "checkpoints", proc, min_step=5)
+    workers = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _parent(int(pid)) == proc.pid]
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "was killed by SIGKILL" in errors[0] and "dvc repro" in errors[0], stderr[-3000:]
+    assert errors[0].startswith("error: [pretrain] worker rank "), errors
+    assert "Traceback" not in stderr and "ChildFailedError" not in stderr, stderr[-3000:]
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[1])
 
 
 @pytest.mark.parametrize("change, message", [
