@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, NoReturn
 
-from xlm_core.atomic import disk_full_reason, is_disk_full
+from xlm_core.atomic import DISK_FULL_ERRNOS, disk_full_reason, is_disk_full
 
 
 class PipelineError(Exception):
@@ -50,20 +50,22 @@ def disk_full_message(stage: str, target: str | None, exc: BaseException, outcom
             f"`dvc repro {stage}`; {outcome}")
 
 
-def _written_path(exc: BaseException) -> str | None:
-    """The output a disk-full OSError in ``exc``'s chain was writing, named as it will be once renamed into place."""
+def _written_path(exc: BaseException) -> tuple[str | None, bool]:
+    """The file a disk-full OSError in ``exc``'s chain names (a write() error usually names none), as it will be
+    called once renamed into place, and whether it was a temporary (so the previous output is untouched)."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, OSError) and current.filename:
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS and current.filename:
             # data/clean.tmp-123-1a2b3c4d/mono/train.parquet -> data/clean/mono/train.parquet
-            path = re.sub(r"\.tmp-\d+-[^/]*", "", os.fsdecode(current.filename))
+            written = os.fsdecode(current.filename)
+            path = re.sub(r"\.tmp-\d+-[^/]*", "", written)
             with contextlib.suppress(ValueError):
                 path = str(Path(path).relative_to(Path.cwd()))
-            return path
+            return path, path != written
         current = current.__cause__ or current.__context__
-    return None
+    return None, False
 
 
 def run_cli(stage: str, func: Callable[[], object]) -> int:
@@ -82,16 +84,40 @@ def run_cli(stage: str, func: Callable[[], object]) -> int:
         print_error(stage, "interrupted")
         return 130
     except Exception as exc:
+        if _under_torchrun() and _peer_gone(exc):
+            # Another worker failed (and said why) or was killed: the launcher stops this one in a moment and
+            # reports; a traceback from here would only bury the cause.
+            time.sleep(PEER_GONE_WAIT_S)
+            print_error(stage, f"lost contact with another worker ({str(exc).splitlines()[0][:200]}); the cause is "
+                               f"in that worker's output above")
+            return 1
         if not is_disk_full(exc):
             raise
         _let_rank_zero_say_it()
-        print_error(stage, disk_full_message(stage, _written_path(exc), exc))
+        path, temporary = _written_path(exc)
+        print_error(stage, disk_full_message(stage, path, exc, None if temporary or path is None else
+                                             "files written in place there may be cut short; the rerun rewrites them"))
         return PipelineError.exit_code
     return 0
 
 
-# How long a worker other than rank 0 waits before printing its error line (see _let_rank_zero_say_it).
-OTHER_RANK_WAIT_S = 5.0
+# How long a worker other than rank 0 waits before printing its error line (see _let_rank_zero_say_it), and how long
+# a worker whose peer is gone waits for the launcher to stop it.
+OTHER_RANK_WAIT_S = 10.0
+PEER_GONE_WAIT_S = 30.0
+# How a collective reports a peer that exited or was killed (gloo, NCCL, the TCP store).
+_PEER_GONE_TEXTS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                    "NCCL communicator was aborted")
+
+
+def _under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def _peer_gone(exc: BaseException) -> bool:
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return bool(names & {"DistError", "DistNetworkError", "DistBackendError"}) or \
+        any(text in str(exc) for text in _PEER_GONE_TEXTS)
 
 
 def _let_rank_zero_say_it() -> None:
@@ -100,7 +126,7 @@ def _let_rank_zero_say_it() -> None:
     Another rank waits a moment first: torchrun stops it as soon as rank 0 has exited, so the line is not repeated
     once per worker, and an error only that rank met (rank 0 then waits for it in a collective) still gets printed.
     """
-    if os.environ.get("RANK", "0") != "0":
+    if _under_torchrun() and os.environ.get("RANK", "0") != "0":
         time.sleep(OTHER_RANK_WAIT_S)
 
 

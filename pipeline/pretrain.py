@@ -43,6 +43,7 @@ import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import time  # noqa: E402
 from contextlib import nullcontext
 from pathlib import Path
@@ -355,7 +356,8 @@ def pretrain(params: StageParams, shards_dir: Path, tokenizer_dir: Path, checkpo
     p = params.pretrain
     rank, world, local_rank = init_distributed()
     is_main = rank == 0
-    device = pick_device(p.device, local_rank, max(p.nproc, world))
+    # processes on this node: pretrain.nproc, or what the user's own torchrun started here (multi-node)
+    device = pick_device(p.device, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", p.nproc)))
     if p.threads:
         torch.set_num_threads(p.threads)
     autocast_dtype = pick_dtype(p.dtype, device)
@@ -597,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     def load() -> None:
         params.append(load_params("pretrain", args.params))
         p = params[0].pretrain
-        device_type(p.device, p.nproc)   # before starting workers that could not run
+        if "LOCAL_RANK" not in os.environ:   # before starting workers that could not run (torchrun's are checked each)
+            device_type(p.device, p.nproc)
 
     if (code := run_cli("pretrain", load)) != 0:
         return code
@@ -616,6 +619,7 @@ def launch_workers(nproc: int, argv: list[str]) -> int:
     """
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run as torchrun
 
@@ -625,10 +629,18 @@ def launch_workers(nproc: int, argv: list[str]) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")   # what torchrun sets, without its banner; pretrain.threads decides
     try:
         torchrun(launch_args)
+    except SignalException as exc:   # Ctrl-C, or a scheduler's SIGTERM to the launcher: the workers are stopped
+        print_error("pretrain", f"interrupted ({exc.sigval.name}); run `dvc repro` again to resume from the newest "
+                                f"checkpoint")
+        return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         if any(f.exitcode == PipelineError.exit_code for f in exc.failures.values()):
             return PipelineError.exit_code
-        rank, failure = exc.get_first_failure()
+        # The cause: a worker killed by the OS (not by the launcher's own SIGTERM while stopping the others), else the
+        # first failure. Failure times have whole seconds, so a tie could otherwise name a bystander.
+        killed = [(rank, f) for rank, f in sorted(exc.failures.items())
+                  if f.exitcode < 0 and -f.exitcode != signal.SIGTERM]
+        rank, failure = killed[0] if killed else exc.get_first_failure()
         how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
                else f"exited with status {failure.exitcode} (its output above says why)")
         print_error("pretrain", f"worker rank {rank} {how}; run `dvc repro` again to resume from the newest checkpoint")

@@ -67,6 +67,7 @@ def test_disk_full_in_a_stage_is_one_line_and_the_rerun_matches(finished, tmp_pa
     assert fault_trials.differences(before, fault_trials.snapshot(proj)) == []
 
 
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux)")
 def test_disk_full_under_dvc_repro_keeps_the_recorded_shards_and_reruns(finished, tmp_path):
     """`dvc repro` of a changed shard stage on a full disk: the stage fails with one line, dvc.lock still records the
     previous shards, `dvc checkout` gives them back whole, and once there is space `dvc repro` finishes the change."""
