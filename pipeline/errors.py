@@ -59,11 +59,10 @@ def _written_path(exc: BaseException) -> tuple[str | None, bool]:
         seen.add(id(current))
         if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS and current.filename:
             # data/clean.tmp-123-1a2b3c4d/mono/train.parquet -> data/clean/mono/train.parquet
-            written = os.fsdecode(current.filename)
-            path = re.sub(r"\.tmp-\d+-[^/]*", "", written)
+            path, temporaries = re.subn(r"\.tmp-\d+-[^/]*", "", os.fsdecode(current.filename))
             with contextlib.suppress(ValueError):
                 path = str(Path(path).relative_to(Path.cwd()))
-            return path, path != written
+            return path, temporaries > 0
         current = current.__cause__ or current.__context__
     return None, False
 

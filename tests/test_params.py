@@ -118,6 +118,14 @@ def test_a_full_disk_anywhere_is_one_line_naming_the_output_not_its_temporary(tm
         "space on the disk holding it and rerun `dvc repro clean`; the previous data/clean/mono/train.parquet is "
         "untouched\n")
 
+    def append_in_place():      # a file that is not written under a temporary name may be cut short
+        raise OSError(errno.EFBIG, "File too large", str(tmp_path / "dvclive" / "loss.tsv"))
+
+    assert run_cli("pretrain", append_in_place) == 2
+    assert capsys.readouterr().err.endswith(
+        "disk full while writing dvclive/loss.tsv (File too large); free space on the disk holding it and rerun `dvc "
+        "repro pretrain`; files written in place there may be cut short; the rerun rewrites them\n")
+
     def bug():
         raise OSError(errno.EACCES, "Permission denied")
 
