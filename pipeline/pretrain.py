@@ -594,20 +594,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", default="metrics/pretrain.json", type=Path)
     parser.add_argument("--live", default="dvclive/pretrain", type=Path)
     args = parser.parse_args(argv)
-    params: list[StageParams] = []
+    launched = 0   # the launcher's exit status when this process starts the workers
 
-    def load() -> None:
-        params.append(load_params("pretrain", args.params))
-        p = params[0].pretrain
-        if "LOCAL_RANK" not in os.environ:   # before starting workers that could not run (torchrun's are checked each)
-            device_type(p.device, p.nproc)
+    def run() -> None:
+        nonlocal launched
+        params = load_params("pretrain", args.params)
+        p = params.pretrain
+        if p.nproc > 1 and "LOCAL_RANK" not in os.environ:   # not yet under torchrun: start the workers here
+            device_type(p.device, p.nproc)                     # first, so that workers that could not run never start
+            launched = launch_workers(p.nproc, sys.argv[1:] if argv is None else argv)
+        else:
+            pretrain(params, args.shards, args.tokenizer, args.checkpoints, args.out, args.metrics, args.live)
 
-    if (code := run_cli("pretrain", load)) != 0:
-        return code
-    if params[0].pretrain.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return launch_workers(params[0].pretrain.nproc, sys.argv[1:] if argv is None else argv)
-    return run_cli("pretrain", lambda: pretrain(params[0], args.shards, args.tokenizer, args.checkpoints, args.out,
-                                                args.metrics, args.live))
+    return run_cli("pretrain", run) or launched
 
 
 def launch_workers(nproc: int, argv: list[str]) -> int:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, project_env, python_module, run, set_dotted
+from conftest import ROOT, load_fault_trials, project_env, python_module, run, set_dotted
 from pipeline.params import load_params
 from pipeline.shard import make_shards
 from pipeline.tokenizer import train_tokenizer
@@ -205,7 +205,7 @@ def test_a_user_error_in_two_workers_is_one_line_not_torchruns_report(corpus, tm
     proc = run(pretrain_cmd(run_dir, corpus), ROOT, env=env1(), check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert errors == [errors[0]] and "pretrain.seq_len = 4096 exceeds the model's max_positions" in errors[0], \
+    assert len(errors) == 1 and "pretrain.seq_len = 4096 exceeds the model's max_positions" in errors[0], \
         proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
     assert not (run_dir / "model").exists()
@@ -218,7 +218,7 @@ def test_a_worker_killed_by_the_os_is_one_line_from_the_launcher(corpus, tmp_pat
     proc = subprocess.Popen(pretrain_cmd(run_dir, corpus), cwd=ROOT, env=env1(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     _wait_for_checkpoint(run_dir / "checkpoints", proc, min_step=5)
-    workers = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _parent(int(pid)) == proc.pid]
+    workers = load_fault_trials().descendants(proc.pid)
     assert len(workers) == 2, workers
     os.kill(workers[-1], signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
@@ -227,14 +227,6 @@ def test_a_worker_killed_by_the_os_is_one_line_from_the_launcher(corpus, tmp_pat
     assert len(errors) == 1 and "was killed by SIGKILL" in errors[0] and "dvc repro" in errors[0], stderr[-3000:]
     assert errors[0].startswith("error: [pretrain] worker rank "), errors
     assert "Traceback" not in stderr and "ChildFailedError" not in stderr, stderr[-3000:]
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2:].split()[1])
 
 
 @pytest.mark.parametrize("change, message", [
