@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Callable, Iterator, NoReturn
 
 from xlm_core.atomic import DISK_FULL_ERRNOS, disk_full_reason, is_disk_full
+from xlm_core.errors import XLMError
 
 
-class PipelineError(Exception):
-    """A problem the user can fix: the message says what is wrong, where, and how to fix it (one line)."""
-
-    exit_code = 2
+class PipelineError(XLMError):
+    """A problem the user can fix, found by a stage (params, paths): what is wrong, where, how to fix it."""
 
 
 def fail(message: str) -> NoReturn:
@@ -31,7 +30,7 @@ def disk_full_is_an_error(stage: str, target: str | os.PathLike, outcome: str | 
     """
     try:
         yield
-    except PipelineError:
+    except XLMError:
         raise
     except Exception as exc:
         if not is_disk_full(exc):
@@ -68,14 +67,14 @@ def _written_path(exc: BaseException) -> tuple[str | None, bool]:
 
 
 def run_cli(stage: str, func: Callable[[], object]) -> int:
-    """Run a stage entry point; turn PipelineError into ``error: [stage] message`` on stderr and exit status 2.
+    """Run a stage entry point; turn any XLMError into ``error: [stage] message`` on stderr and exit status 2.
 
     Tracebacks are for bugs; a user error is a single line. A full disk is a user error wherever it happens (stages
     that know which output they were writing say so themselves). Ctrl-C exits 130 without a traceback.
     """
     try:
         func()
-    except PipelineError as exc:
+    except XLMError as exc:
         _let_rank_zero_say_it()
         print_error(stage, " ".join(str(exc).split("\n")))
         return exc.exit_code

@@ -28,13 +28,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from xlm_core.atomic import atomic_dir, disk_full_reason, is_disk_full, sha256_file
+from xlm_core.errors import XLMError
 
 _NAME = re.compile(r"^step-(\d{9})$")
 COMMIT = "COMMIT"
 FILES = ("model.safetensors", "state.pt", "meta.json")
 
 
-class CheckpointError(Exception):
+class CheckpointError(XLMError):
     """A checkpoint cannot be used (damaged, or written by a different configuration) or written (disk full)."""
 
 

@@ -63,6 +63,7 @@ import torch
 from xlm_core.objectives import build_mono_batch, build_tlm_batch
 from xlm_core.shards import KINDS, MANIFEST, ShardError, ShardFile, ShardSet
 from xlm_core.special_tokens import BOS, EOS, PAD
+from xlm_core.errors import XLMError
 
 if TYPE_CHECKING:
     from xlm_core.tokenizer import Tokenizer
@@ -76,7 +77,7 @@ _MASK_TAG = 0x6D61736B  # "mask": keeps chunk seeds apart from every other seede
 _POOL_TAG = 0x706F6F6C  # "pool"
 
 
-class DataError(ValueError):
+class DataError(XLMError, ValueError):
     """The shards or the loader settings cannot give the requested data; the message says what, where and how to fix.
 
     (xlm_core must not import pipeline; the pretrain stage turns this into a PipelineError.)

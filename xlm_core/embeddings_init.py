@@ -13,11 +13,12 @@ from typing import Iterable, Mapping
 
 import numpy as np
 import torch
+from xlm_core.errors import XLMError
 
 WORD_START = "\u2581"
 
 
-class VectorsError(ValueError):
+class VectorsError(XLMError, ValueError):
     """A vectors file that cannot be used (missing, empty, malformed)."""
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from xlm_core.errors import XLMError
 
 if TYPE_CHECKING:
     from xlm_core.tokenizer import Tokenizer
@@ -31,7 +32,7 @@ MANIFEST_FORMAT = 1
 KINDS = ("mono", "para")
 
 
-class ShardError(Exception):
+class ShardError(XLMError):
     """Shards missing, damaged, or made with another tokenizer (one line: what, where, how to fix)."""
 
 

@@ -25,6 +25,7 @@ import sentencepiece as spm
 
 from xlm_core import special_tokens as st
 from xlm_core.atomic import sha256_file
+from xlm_core.errors import XLMError
 
 SPM_MODEL = "spm.model"
 SPM_VOCAB = "spm.vocab"
@@ -36,7 +37,7 @@ UINT16_MAX_VOCAB = 1 << 16       # ids fit in uint16 while the vocabulary has at
 SPM_UNK, SPM_BOS, SPM_EOS = 0, 1, 2
 
 
-class TokenizerError(Exception):
+class TokenizerError(XLMError):
     """The tokenizer folder is missing, incomplete or inconsistent (one line: what, where, how to fix)."""
 
 

@@ -12,9 +12,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
+from xlm_core.errors import XLMError
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(XLMError, RuntimeError):
     """Too many non-finite losses in a row: continuing would only waste compute."""
 
 
