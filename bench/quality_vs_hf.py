@@ -45,7 +45,7 @@ if str(ROOT) not in sys.path:
 
 from pipeline.export import read_spm_model, special_tokens_map, tokenizer_config, tokenizer_json  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
-from pipeline.pretrain import model_config  # noqa: E402
+from pipeline.pretrain_settings import model_config  # noqa: E402
 from xlm_core.data import PretrainLoader, iter_eval_batches  # noqa: E402
 from xlm_core.hf import from_hf, hf_config  # noqa: E402
 from xlm_core.metrics import masked_lm_score  # noqa: E402

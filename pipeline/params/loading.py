@@ -1,0 +1,208 @@
+"""Reading params.yaml: the shared keys, one section validated by its schema, problems as one line."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import PipelineError
+from pipeline.params.base import LangCode, Strict, _check_langs
+from pipeline.params.data import CleanParams, ShardParams, TokenizerParams
+from pipeline.params.evaluate import EvaluateParams, ExportParams
+from pipeline.params.pretrain import PretrainParams
+from pipeline.params.sources import DownloadParams, LocalSource, PypiSource, UrlSource
+
+PARAMS_FILE = "params.yaml"
+
+# --------------------------------------------------------------------------------------------------------------- root
+_PAIR = re.compile(r"^([a-z]{2,3})-([a-z]{2,3})$")
+
+SECTIONS: dict[str, type[BaseModel]] = {
+    "download": DownloadParams,
+    "clean": CleanParams,
+    "tokenizer": TokenizerParams,
+    "shard": ShardParams,
+    "pretrain": PretrainParams,
+    "evaluate": EvaluateParams,
+    "export": ExportParams,
+}
+SHARED_KEYS = ("languages", "pairs")
+
+
+class Shared(Strict):
+    languages: list[LangCode] = Field(min_length=1)
+    pairs: list[str] = Field(default_factory=list, description="parallel pairs for TLM, e.g. en-fr")
+
+    _langs = field_validator("languages")(classmethod(lambda cls, v: _check_langs(v)))
+
+    @model_validator(mode="after")
+    def _pairs(self):
+        for pair in self.pairs:
+            m = _PAIR.match(pair)
+            if not m:
+                raise ValueError(f"pairs: {pair!r} is not of the form src-tgt (e.g. en-fr)")
+            for lang in m.groups():
+                if lang not in self.languages:
+                    raise ValueError(f"pairs: {pair!r} uses {lang!r}, which is not in languages {self.languages}")
+            if m.group(1) == m.group(2):
+                raise ValueError(f"pairs: {pair!r} pairs a language with itself")
+        return self
+
+    def pair_tuples(self) -> list[tuple[str, str]]:
+        return [tuple(p.split("-")) for p in self.pairs]  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class StageParams:
+    """Shared keys plus the one validated section, reachable as ``params.<section>`` (e.g. ``params.clean``)."""
+
+    shared: Shared
+    section_name: str
+    section: Any
+
+    @property
+    def languages(self) -> list[str]:
+        return self.shared.languages
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        return self.shared.pair_tuples()
+
+    def __getattr__(self, name: str):
+        if name != "section_name" and name == self.section_name:
+            return self.section
+        raise AttributeError(name)
+
+
+def _format_loc(prefix: str, loc: tuple) -> str:
+    parts = [prefix] if prefix else []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1] = f"{parts[-1]}[{item}]" if parts else f"[{item}]"
+        elif item in ("url", "local", "pypi") and parts and parts[-1].endswith("]"):
+            continue  # the discriminated-union tag pydantic inserts; the user never wrote it
+        else:
+            parts.append(str(item))
+    return ".".join(parts)
+
+
+def _describe(exc: ValidationError, prefix: str, model: type[BaseModel], path: str) -> str:
+    err = exc.errors(include_url=False)[0]
+    where = _format_loc(prefix, err["loc"])
+    value = err.get("input")
+    if err["type"] == "extra_forbidden":
+        parent = err["loc"][:-1]
+        allowed = _allowed_keys(model, parent)
+        hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+        return f"{path}: unknown key '{where}'{hint}"
+    if err["type"] == "missing":
+        return f"{path}: missing key '{where}'; add it (see README.md for its meaning)"
+    if err["type"] == "union_tag_invalid":
+        ctx = err.get("ctx", {})
+        return (f"{path}: {where}.{ctx.get('discriminator', 'kind').strip(chr(39))} = {ctx.get('tag')!r}: unknown kind; "
+                f"allowed: {ctx.get('expected_tags')}")
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    shown = repr(value) if not isinstance(value, (dict, list)) else _short(value)
+    return f"{path}: {where} = {shown}: {msg}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Walk the schema along ``loc`` to list the keys allowed at that level (best effort)."""
+    current: Any = model
+    for item in loc:
+        if isinstance(item, int) or current is None:
+            continue
+        fields = getattr(current, "model_fields", None)
+        if fields is None:
+            return []
+        if item in ("url", "local", "pypi") and item not in fields:
+            current = {"url": UrlSource, "local": LocalSource, "pypi": PypiSource}[item]
+            continue
+        if item not in fields:
+            return []
+        current = _model_of(fields[item].annotation)
+    fields = getattr(current, "model_fields", None)
+    return sorted(fields) if fields else []
+
+
+def _model_of(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def read_yaml(path: str | Path = PARAMS_FILE) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"{path}: file not found; run from the project root or pass --params PATH")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise PipelineError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def load_params(section: str, path: str | Path = PARAMS_FILE) -> StageParams:
+    """Validate the shared keys and ``section`` of params.yaml; raise PipelineError with one precise line."""
+    if section not in SECTIONS:
+        raise ValueError(f"no schema for section {section!r}")  # a bug in the caller, not user input
+    raw = read_yaml(path)
+    known = set(SECTIONS) | set(SHARED_KEYS) | set(OTHER_SECTIONS)
+    unknown = sorted(k for k in raw if k not in known)
+    if unknown:
+        raise PipelineError(
+            f"{path}: unknown top-level key '{unknown[0]}'; allowed: {', '.join(sorted(known))}")
+    shared_raw = {k: raw[k] for k in SHARED_KEYS if k in raw}
+    try:
+        shared = Shared.model_validate(shared_raw)
+    except ValidationError as exc:
+        raise PipelineError(_describe(exc, "", Shared, str(path))) from None
+    if section not in raw or raw[section] is None:
+        raise PipelineError(f"{path}: missing section '{section}'; add a '{section}:' mapping (see README.md)")
+    model = SECTIONS[section]
+    try:
+        validated = model.model_validate(raw[section])
+    except ValidationError as exc:
+        raise PipelineError(_describe(exc, section, model, str(path))) from None
+    _cross_check(section, validated, shared, str(path))
+    return StageParams(shared=shared, section_name=section, section=validated)
+
+
+def _cross_check(section: str, validated: BaseModel, shared: Shared, path: str) -> None:
+    if section == "download":
+        for i, src in enumerate(validated.sources):  # type: ignore[attr-defined]
+            extra = [lang for lang in src.languages if lang not in shared.languages]
+            if extra:
+                raise PipelineError(
+                    f"{path}: download.sources[{i}].languages = {src.languages}: {extra} not in the top-level "
+                    f"languages {shared.languages}; add them there or remove them from the source")
+        covered = {lang for src in validated.sources for lang in src.languages}  # type: ignore[attr-defined]
+        missing = [lang for lang in shared.languages if lang not in covered]
+        if missing:
+            raise PipelineError(
+                f"{path}: languages lists {missing} but no entry of download.sources provides them; add a source "
+                f"with those languages or remove them from languages")
+
+
+# Sections other stages own; they are validated by their own stage when it starts.
+OTHER_SECTIONS: tuple[str, ...] = ("flow",)
+
