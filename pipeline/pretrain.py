@@ -54,9 +54,10 @@ from pipeline.errors import PipelineError, disk_full_is_an_error, print_error, r
 from pipeline.params import StageParams, load_params
 from pipeline.pretrain_settings import _diff, model_config, objectives_config, training_fingerprint
 from xlm_core import checkpoint as ckpt
-from xlm_core.atomic import atomic_dir, atomic_file, write_json
+from xlm_core.atomic import atomic_file, write_json
 from xlm_core.data import DataError, PretrainLoader, iter_eval_batches
 from xlm_core.model import ModelConfig, XLMModel
+from xlm_core.model_dir import save_model_dir
 from xlm_core.objectives import LanguageDiscriminator, ObjectivesConfig, total_loss
 from xlm_core.shards import ShardError, ShardSet
 from xlm_core.tokenizer import Tokenizer, TokenizerError
@@ -464,7 +465,8 @@ def pretrain(params: StageParams, shards_dir: Path, tokenizer_dir: Path, checkpo
         final = ckpt.latest_checkpoint(checkpoints_dir)
         with disk_full_is_an_error("pretrain", f"{model_dir} or {metrics_path}",
                                    outcome=f"training is complete in {final}, only the outputs are written again"):
-            write_model_dir(final, model_dir, tokenizer_dir, cfg, params)
+            write_model_dir(final, model_dir, tokenizer_dir, cfg, params, objectives, identity, ShardSet(shards_dir / "train"),
+                            last_valid)
             write_json(metrics_path, metrics)
     if world > 1:
         dist.barrier()
@@ -490,21 +492,19 @@ def _checkpoint(module, optimizer, trainer, loader, p, world, is_main, root, ste
         dist.barrier()
 
 
-def write_model_dir(checkpoint_path: Path, model_dir: Path, tokenizer_dir: Path, cfg: ModelConfig,
-                    params: StageParams) -> None:
-    """data/model/: the encoder weights (safetensors), its config and the tokenizer it was trained with."""
-    from safetensors.torch import save_file
-
-    state = ckpt.load_checkpoint(checkpoint_path).model
-    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    with atomic_dir(model_dir) as tmp:
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = {"model": cfg.to_dict(), "languages": params.languages,
-                  "pairs": ["-".join(p) for p in params.pairs]}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for f in sorted(Path(tokenizer_dir).iterdir()):
-            if f.is_file():
-                shutil.copy2(f, tmp / f.name)
+def write_model_dir(final: Path, model_dir: Path, tokenizer_dir: Path, cfg: ModelConfig, params: StageParams,
+                    objectives: ObjectivesConfig, identity: dict, train_split: ShardSet, valid: dict) -> None:
+    """data/model/ (xlm_core.model_dir) from the final checkpoint: encoder, discriminator, what the run was."""
+    state = ckpt.load_checkpoint(final).model
+    part = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
+    adversarial = objectives.adversarial_enabled
+    training = {"pretrain": identity["pretrain"], "steps": params.pretrain.steps, "valid": valid,
+                "discriminator_layer": objectives.adversarial_layer if adversarial else None,
+                "discriminator_hidden": params.pretrain.adversarial.hidden if adversarial else None,
+                "train_tokens": {"languages": train_split.languages, "pairs": train_split.pairs}}
+    save_model_dir(model_dir, config=cfg, state=part("model."), tokenizer_dir=tokenizer_dir,
+                   languages=params.languages, pairs=["-".join(p) for p in params.pairs],
+                   discriminator=part("discriminator.") if adversarial else None, training=training)
 
 
 def _init_embeddings(model: XLMModel, params: StageParams, tokenizer: Tokenizer) -> None:

@@ -16,7 +16,6 @@ from conftest import python_module, run
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate, perplexity_bars, retrieval_heatmap
 from pipeline.params import load_params
-from pipeline.pretrain import write_model_dir
 from pipeline.shard import make_shards
 from pipeline.tokenizer import train_tokenizer
 from test_tokenizer import write_clean, write_params_file
@@ -25,6 +24,7 @@ from xlm_core.data import iter_eval_batches
 from xlm_core.metrics import (bitext_retrieval, center, eval_masking, masked_lm_score, pooled_embeddings,
                               ratio_margin, train_linear_probe, unigram_score)
 from xlm_core.model import ModelConfig, XLMModel
+from xlm_core.model_dir import save_model_dir
 from xlm_core.objectives import LanguageDiscriminator, mask_tokens
 from xlm_core.tokenizer import Tokenizer
 
@@ -68,7 +68,10 @@ def build_run(root: Path, *, use_lang_emb: bool = False, adversarial: bool = Tru
                 "optimizer": {"lr": 0.001, "schedule": "linear"}}
     path = ckpt.save_checkpoint(root / "checkpoints", 10, state, {"step": 10},
                                 {"model_config": cfg.to_dict(), "identity": {"pretrain": pretrain}})
-    write_model_dir(path, root / "model", root / "tokenizer", cfg, load_params("evaluate", params_path))
+    stage = load_params("evaluate", params_path)
+    save_model_dir(root / "model", config=cfg, state=model.state_dict(), tokenizer_dir=root / "tokenizer",
+                   languages=stage.languages, pairs=["-".join(p) for p in stage.pairs],
+                   discriminator=disc.state_dict() if adversarial else None, training={"pretrain": pretrain})
     (root / "pretrain.json").write_text(json.dumps({"steps": 10, "valid": {"mlm_accuracy/en": 0.25}}))
     return params_path
 
