@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipeline.export import read_spm_model, special_tokens_map, tokenizer_config, tokenizer_json  # noqa: E402
+from xlm_core.hf_tokenizer import read_spm_model, special_tokens_map, tokenizer_config, tokenizer_json  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 from pipeline.pretrain_settings import model_config  # noqa: E402
 from xlm_core.data import PretrainLoader, iter_eval_batches  # noqa: E402

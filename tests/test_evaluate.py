@@ -1,5 +1,5 @@
 """evaluate stage and xlm_core.metrics: known-answer retrieval and probes, and the stage on a real tiny run
-(real sentencepiece, Parquet shards, a checkpoint with a language discriminator, data/model as pretrain writes it)."""
+(real sentencepiece, Parquet shards, a model folder with a language discriminator, written by save_model_dir)."""
 from __future__ import annotations
 
 import json
@@ -11,18 +11,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-
 from conftest import python_module, run
+from test_tokenizer import write_clean, write_params_file
+
 from pipeline.errors import PipelineError
-from pipeline.evaluate import evaluate, perplexity_bars, retrieval_heatmap
+from pipeline.eval_report import perplexity_bars, retrieval_heatmap
+from pipeline.evaluate import evaluate
 from pipeline.params import load_params
 from pipeline.shard import make_shards
 from pipeline.tokenizer import train_tokenizer
-from test_tokenizer import write_clean, write_params_file
-from xlm_core import checkpoint as ckpt
 from xlm_core.data import iter_eval_batches
-from xlm_core.metrics import (bitext_retrieval, center, eval_masking, masked_lm_score, pooled_embeddings,
-                              ratio_margin, train_linear_probe, unigram_score)
+from xlm_core.metrics import (bitext_retrieval, center, eval_masking, masked_lm_score, pooled_embeddings, ratio_margin,
+                              train_linear_probe, unigram_score)
 from xlm_core.model import ModelConfig, XLMModel
 from xlm_core.model_dir import save_model_dir
 from xlm_core.objectives import LanguageDiscriminator, mask_tokens
@@ -38,7 +38,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def build_run(root: Path, *, use_lang_emb: bool = False, adversarial: bool = True, causal: bool = False,
               objectives: dict | None = None, evaluate_section: dict | None = None,
               export_section: dict | None = None, vocab_size: int = 150) -> Path:
-    """clean -> tokenizer -> shards -> a checkpoint -> data/model (pretrain.write_model_dir), all under ``root``.
+    """clean -> tokenizer -> shards -> data/model (xlm_core.model_dir.save_model_dir), all under ``root``.
 
     The model is a randomly initialised tiny preset: the stage's wiring is what is tested here; the metrics' maths
     is tested on constructed embeddings with known answers.
@@ -58,26 +58,24 @@ def build_run(root: Path, *, use_lang_emb: bool = False, adversarial: bool = Tru
                              dropout=0.0, attention_dropout=0.0, causal=causal)
     torch.manual_seed(7)
     model = XLMModel(cfg)
-    state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    if adversarial:
-        disc = LanguageDiscriminator(cfg.d_model, len(LANGS), hidden=32)
-        state.update({f"discriminator.{k}": v for k, v in disc.state_dict().items()})
+    disc = LanguageDiscriminator(cfg.d_model, len(LANGS), hidden=32) if adversarial else None
     pretrain = {"objectives": objectives or {"mlm": 1.0, "tlm": 0.5},
                 "adversarial": {"weight": 0.05 if adversarial else 0.0, "layer": None, "lambda_max": 0.1},
                 "steps": 10, "batch_size": 8, "seq_len": 64, "mode": "stream", "masking": {"rate": 0.15},
                 "optimizer": {"lr": 0.001, "schedule": "linear"}}
-    path = ckpt.save_checkpoint(root / "checkpoints", 10, state, {"step": 10},
-                                {"model_config": cfg.to_dict(), "identity": {"pretrain": pretrain}})
-    stage = load_params("evaluate", params_path)
+    manifest = json.loads((root / "shards" / "train" / "manifest.json").read_text())
+    training = {"pretrain": pretrain, "discriminator_layer": 1 if adversarial else None,
+                "discriminator_hidden": 32 if adversarial else None,
+                "train_tokens": {"languages": manifest["languages"], "pairs": manifest.get("pairs", {})},
+                "valid": {"mlm_accuracy/en": 0.25}, "steps": 10}
     save_model_dir(root / "model", config=cfg, state=model.state_dict(), tokenizer_dir=root / "tokenizer",
-                   languages=stage.languages, pairs=["-".join(p) for p in stage.pairs],
-                   discriminator=disc.state_dict() if adversarial else None, training={"pretrain": pretrain})
-    (root / "pretrain.json").write_text(json.dumps({"steps": 10, "valid": {"mlm_accuracy/en": 0.25}}))
+                   languages=LANGS, pairs=PAIRS, discriminator=disc.state_dict() if disc is not None else None,
+                   training=training)
     return params_path
 
 
 def run_evaluate(root: Path, params_path: Path) -> dict:
-    return evaluate(load_params("evaluate", params_path), root / "model", root / "shards", root / "checkpoints",
+    return evaluate(load_params("evaluate", params_path), root / "model", root / "shards",
                     root / "metrics" / "eval.json", root / "reports" / "eval.md", root / "reports" / "eval")
 
 
@@ -311,7 +309,7 @@ def test_margin_scoring_and_no_baseline(tiny_run, tmp_path):
     data["evaluate"].update(scoring="margin", baseline=False, retrieval=[], classification=[], layer=0)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(data))
-    metrics = evaluate(load_params("evaluate", params), root / "model", root / "shards", root / "checkpoints",
+    metrics = evaluate(load_params("evaluate", params), root / "model", root / "shards",
                        tmp_path / "eval.json", tmp_path / "eval.md", tmp_path / "plots")
     assert set(metrics["mlm_accuracy"]["en"]) == {"trained", "unigram"}
     assert "suites" not in metrics
@@ -328,7 +326,7 @@ def test_clm_figures_for_a_causal_run_and_no_discriminator(tmp_path):
 
 def _cli(root: Path, params_path: Path):
     return run(python_module("pipeline.evaluate", "--params", str(params_path), "--model", str(root / "model"),
-                             "--shards", str(root / "shards"), "--checkpoints", str(root / "checkpoints"),
+                             "--shards", str(root / "shards"),
                              "--metrics", str(root / "metrics" / "eval.json"),
                              "--report", str(root / "reports" / "eval.md"), "--plots", str(root / "reports" / "eval")),
                cwd=root, check=False)
@@ -369,7 +367,7 @@ def test_bad_suite_is_one_clear_error_and_outputs_stay(tiny_run, tmp_path, probl
     out.mkdir()
     (out / "eval.json").write_text('{"previous": 1}\n')
     with pytest.raises(PipelineError) as info:
-        evaluate(load_params("evaluate", params), root / "model", root / "shards", root / "checkpoints",
+        evaluate(load_params("evaluate", params), root / "model", root / "shards",
                  out / "eval.json", out / "eval.md", out / "plots")
     message = str(info.value)
     assert "\n" not in message

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from conftest import ROOT, dvc, python_module, run, project_env
-from pipeline.export import export, read_spm_model, tokenizer_json
-from pipeline.params import load_params
-from pipeline.tokenizer import train_tokenizer
+from conftest import ROOT, dvc, project_env, python_module, run
 from test_evaluate import LANGS, build_run, set_section
 from test_tokenizer import write_clean, write_params_file
+
+from pipeline.export import export
+from pipeline.params import load_params
+from pipeline.tokenizer import train_tokenizer
+from xlm_core.hf_tokenizer import read_spm_model, tokenizer_json
 from xlm_core.model import ModelConfig, XLMModel
 from xlm_core.tokenizer import Tokenizer
 
@@ -37,8 +38,7 @@ FILL_TEXT = "The king of the <mask>."
 
 def export_run(root: Path, params_path: Path, out: Path | None = None) -> Path:
     out = out or root / "export" / "hf"
-    return export(load_params("export", params_path), root / "model", out, root / "checkpoints",
-                  root / "shards" / "train" / "manifest.json", root / "pretrain.json")
+    return export(load_params("export", params_path), root / "model", out)
 
 
 def our_logits(model_dir: Path, ids: list[list[int]], lang: int | None) -> list[list[list[float]]]:
@@ -190,8 +190,7 @@ def test_dtype_option_and_model_card(exported, tmp_path):
     data["export"].update(dtype="fp16", name="my-encoder", license="cc-by-4.0")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(data))
-    out = export(load_params("export", params), root / "model", tmp_path / "hf", root / "checkpoints",
-                 root / "shards" / "train" / "manifest.json", root / "pretrain.json")
+    out = export(load_params("export", params), root / "model", tmp_path / "hf")
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert f.get_tensor("roberta.embeddings.word_embeddings.weight").dtype == torch.float16
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
@@ -199,7 +198,7 @@ def test_dtype_option_and_model_card(exported, tmp_path):
     assert card.startswith("---\nlanguage: [en, fr, ru, ar]\nlicense: cc-by-4.0\n")
     assert "# my-encoder" in card
     assert "MLM (1), TLM (0.5)" in card and "Language-adversarial" in card
-    assert "| en | 400 |" in card                       # training sentences per language from the shard manifest
+    assert "| en | 400 |" in card                       # training sentences per language (the shard manifest's)
     assert "mlm_accuracy/en | 0.25" in card           # the run's own validation figures
     assert "token_type_ids" not in card
 
@@ -215,9 +214,7 @@ def test_pre_ln_model_is_refused_and_previous_export_kept(exported, tmp_path):
     shutil.copytree(out, target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     proc = run(python_module("pipeline.export", "--params", str(params_path), "--model", str(bad), "--out",
-                             str(target), "--checkpoints", str(root / "checkpoints"),
-                             "--shards-manifest", str(root / "shards" / "train" / "manifest.json"),
-                             "--pretrain-metrics", str(root / "pretrain.json")), cwd=tmp_path, check=False)
+                             str(target)), cwd=tmp_path, check=False)
     assert proc.returncode == 2
     last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
     assert last.startswith("error: [export] ") and "pre_ln" in last and "retrain" in last
@@ -237,10 +234,8 @@ def _stage_project(tmp_path: Path, root: Path, params_path: Path) -> Path:
     shutil.copy(params_path, proj / "params.yaml")
     for pkg in ("pipeline", "xlm_core"):
         shutil.copytree(ROOT / pkg, proj / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    for name, target in (("model", "data/model"), ("checkpoints", "data/checkpoints"), ("shards", "data/shards")):
+    for name, target in (("model", "data/model"), ("shards", "data/shards")):
         shutil.copytree(root / name, proj / target)
-    (proj / "metrics").mkdir()
-    shutil.copy(root / "pretrain.json", proj / "metrics" / "pretrain.json")
     (proj / ".gitignore").write_text("/data/\n__pycache__/\n")
     return proj
 

@@ -1,5 +1,9 @@
 """Convert between our state dict and Hugging Face's XLMRobertaForMaskedLM, without importing transformers.
 
+``XLMRobertaStateDictAdapter(config)`` has ``to_hf(state_dict)`` and ``from_hf(hf_state_dict)`` (torchtitan's
+StateDictAdapter shape); ``to_hf(state_dict, config)`` and ``from_hf(hf_state_dict, hf_config_dict)`` are the same
+conversions as functions, the latter reading the ModelConfig from an XLM-R config.json dict (``config_from_hf``).
+
 The mapping, ours -> HF (L = layer index):
     tok_emb.weight              roberta.embeddings.word_embeddings.weight  and  lm_head.decoder.weight (tied)
     pos_emb.weight [P, d]       roberta.embeddings.position_embeddings.weight [P + pad_id + 1, d]: HF numbers real
@@ -94,52 +98,6 @@ def hf_config(config: ModelConfig) -> dict[str, Any]:
     }
 
 
-def to_hf(state_dict: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    """Our state dict -> XLMRobertaForMaskedLM's, loadable with strict=True.
-
-    Every tensor is its own contiguous copy (tied weights are duplicated), so safetensors.save_file accepts it.
-    """
-    _check_exportable(config)
-    sd = dict(state_dict)
-    d = config.d_model
-    out: dict[str, Tensor] = {}
-
-    def take(key: str) -> Tensor:
-        if key not in sd:
-            raise ValueError(f"to_hf: state dict has no '{key}' (a wrapped model's keys? pass model.state_dict() "
-                             f"of the XLMModel itself, without 'module.' or '_orig_mod.' prefixes)")
-        return sd.pop(key)
-
-    word = take("tok_emb.weight")
-    out["roberta.embeddings.word_embeddings.weight"] = word
-    out["lm_head.decoder.weight"] = word
-    if config.positions == "learned":
-        positions = take("pos_emb.weight")
-    else:
-        positions = fixed_position_table(config).to(word.dtype)
-    unused_rows = positions.new_zeros(_position_offset(config), d)
-    out["roberta.embeddings.position_embeddings.weight"] = torch.cat([unused_rows, positions])
-    if config.use_lang_emb:
-        out["roberta.embeddings.token_type_embeddings.weight"] = take("lang_emb.weight")
-    else:
-        out["roberta.embeddings.token_type_embeddings.weight"] = word.new_zeros(1, d)
-    for ours, theirs in _TOP_NAMES:
-        out[theirs] = take(ours)
-    out["lm_head.decoder.bias"] = out["lm_head.bias"]
-
-    for i in range(config.n_layers):
-        prefix, hf = f"blocks.{i}.", _LAYER.format(i=i)
-        for kind in ("weight", "bias"):
-            for name, part in zip(_QKV, take(f"{prefix}attn.qkv.{kind}").split(d, dim=0)):
-                out[f"{hf}attention.self.{name}.{kind}"] = part
-        for ours, theirs in _BLOCK_NAMES:
-            out[hf + theirs] = take(prefix + ours)
-
-    if sd:
-        raise ValueError(f"to_hf: state dict has entries this config does not explain: {sorted(sd)[:5]}")
-    return {name: tensor.detach().clone().contiguous() for name, tensor in out.items()}
-
-
 def config_from_hf(hf_config_dict: Mapping[str, Any]) -> ModelConfig:
     """ModelConfig for an XLM-R config.json dict; refuses what our architecture cannot represent."""
     def need(key: str) -> Any:
@@ -176,47 +134,115 @@ def config_from_hf(hf_config_dict: Mapping[str, Any]) -> ModelConfig:
     )
 
 
+class XLMRobertaStateDictAdapter:
+    """Our ``XLMModel`` state dict <-> Hugging Face's XLMRobertaForMaskedLM, for one ``ModelConfig`` (the mapping in the
+    module docstring). ``for_hf_config`` builds it from an XLM-R config.json dict."""
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+
+    @classmethod
+    def for_hf_config(cls, hf_config_dict: Mapping[str, Any]) -> "XLMRobertaStateDictAdapter":
+        return cls(config_from_hf(hf_config_dict))
+
+    def to_hf(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Our state dict -> XLMRobertaForMaskedLM's, loadable with strict=True.
+
+        Every tensor is its own contiguous copy (tied weights are duplicated), so safetensors.save_file accepts it.
+        """
+        config = self.config
+        _check_exportable(config)
+        sd = dict(state_dict)
+        d = config.d_model
+        out: dict[str, Tensor] = {}
+
+        def take(key: str) -> Tensor:
+            if key not in sd:
+                raise ValueError(f"to_hf: state dict has no '{key}' (a wrapped model's keys? pass model.state_dict() "
+                                 f"of the XLMModel itself, without 'module.' or '_orig_mod.' prefixes)")
+            return sd.pop(key)
+
+        word = take("tok_emb.weight")
+        out["roberta.embeddings.word_embeddings.weight"] = word
+        out["lm_head.decoder.weight"] = word
+        if config.positions == "learned":
+            positions = take("pos_emb.weight")
+        else:
+            positions = fixed_position_table(config).to(word.dtype)
+        unused_rows = positions.new_zeros(_position_offset(config), d)
+        out["roberta.embeddings.position_embeddings.weight"] = torch.cat([unused_rows, positions])
+        if config.use_lang_emb:
+            out["roberta.embeddings.token_type_embeddings.weight"] = take("lang_emb.weight")
+        else:
+            out["roberta.embeddings.token_type_embeddings.weight"] = word.new_zeros(1, d)
+        for ours, theirs in _TOP_NAMES:
+            out[theirs] = take(ours)
+        out["lm_head.decoder.bias"] = out["lm_head.bias"]
+
+        for i in range(config.n_layers):
+            prefix, hf = f"blocks.{i}.", _LAYER.format(i=i)
+            for kind in ("weight", "bias"):
+                for name, part in zip(_QKV, take(f"{prefix}attn.qkv.{kind}").split(d, dim=0)):
+                    out[f"{hf}attention.self.{name}.{kind}"] = part
+            for ours, theirs in _BLOCK_NAMES:
+                out[hf + theirs] = take(prefix + ours)
+
+        if sd:
+            raise ValueError(f"to_hf: state dict has entries this config does not explain: {sorted(sd)[:5]}")
+        return {name: tensor.detach().clone().contiguous() for name, tensor in out.items()}
+
+    def from_hf(self, hf_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """XLMRobertaForMaskedLM (or ForCausalLM) state dict -> ours, for ``XLMModel(self.config)``."""
+        config = self.config
+        sd = {k: v for k, v in hf_state_dict.items() if not k.startswith(_IGNORED_PREFIXES)}
+        d = config.d_model
+
+        def take(key: str) -> Tensor:
+            if key not in sd:
+                raise ValueError(f"from_hf: checkpoint has no '{key}' (is it an XLMRobertaForMaskedLM state dict?)")
+            return sd.pop(key)
+
+        out: dict[str, Tensor] = {}
+        word = take("roberta.embeddings.word_embeddings.weight")
+        out["tok_emb.weight"] = word
+        decoder = sd.pop("lm_head.decoder.weight", None)
+        if decoder is not None and not torch.equal(decoder, word):
+            raise ValueError("from_hf: lm_head.decoder.weight differs from the word embeddings; "
+                             "only tied decoders (XLM-R's) are supported")
+        decoder_bias = sd.pop("lm_head.decoder.bias", None)
+        positions = take("roberta.embeddings.position_embeddings.weight")[config.pad_id + 1:]
+        token_types = take("roberta.embeddings.token_type_embeddings.weight")
+        if config.use_lang_emb:
+            out["lang_emb.weight"] = token_types
+            out["pos_emb.weight"] = positions
+        else:  # HF always adds token type 0; adding it to every position row is exactly equivalent
+            out["pos_emb.weight"] = positions + token_types[0]
+        for ours, theirs in _TOP_NAMES:
+            out[ours] = take(theirs)
+        if decoder_bias is not None and not torch.equal(decoder_bias, out["mlm_head.bias"]):
+            raise ValueError("from_hf: lm_head.decoder.bias differs from lm_head.bias; the checkpoint is inconsistent")
+
+        for i in range(config.n_layers):
+            prefix, hf = f"blocks.{i}.", _LAYER.format(i=i)
+            for kind in ("weight", "bias"):
+                out[f"{prefix}attn.qkv.{kind}"] = torch.cat([take(f"{hf}attention.self.{n}.{kind}") for n in _QKV])
+            for ours, theirs in _BLOCK_NAMES:
+                out[prefix + ours] = take(hf + theirs)
+
+        if sd:
+            raise ValueError(f"from_hf: checkpoint has entries XLM-R's masked LM does not: {sorted(sd)[:5]}")
+        if out["pos_emb.weight"].shape[0] != config.max_positions or word.shape != (config.vocab_size, d):
+            raise ValueError("from_hf: tensor shapes do not match the config (vocab_size / max_position_embeddings)")
+        return {name: tensor.detach().clone().contiguous() for name, tensor in out.items()}
+
+
+def to_hf(state_dict: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """Our state dict -> XLMRobertaForMaskedLM's (``XLMRobertaStateDictAdapter(config).to_hf``)."""
+    return XLMRobertaStateDictAdapter(config).to_hf(state_dict)
+
+
 def from_hf(hf_state_dict: Mapping[str, Tensor], hf_config_dict: Mapping[str, Any]
             ) -> tuple[dict[str, Tensor], ModelConfig]:
     """XLMRobertaForMaskedLM (or ForCausalLM) state dict + config.json dict -> (our state dict, ModelConfig)."""
-    config = config_from_hf(hf_config_dict)
-    sd = {k: v for k, v in hf_state_dict.items() if not k.startswith(_IGNORED_PREFIXES)}
-    d = config.d_model
-
-    def take(key: str) -> Tensor:
-        if key not in sd:
-            raise ValueError(f"from_hf: checkpoint has no '{key}' (is it an XLMRobertaForMaskedLM state dict?)")
-        return sd.pop(key)
-
-    out: dict[str, Tensor] = {}
-    word = take("roberta.embeddings.word_embeddings.weight")
-    out["tok_emb.weight"] = word
-    decoder = sd.pop("lm_head.decoder.weight", None)
-    if decoder is not None and not torch.equal(decoder, word):
-        raise ValueError("from_hf: lm_head.decoder.weight differs from the word embeddings; "
-                         "only tied decoders (XLM-R's) are supported")
-    decoder_bias = sd.pop("lm_head.decoder.bias", None)
-    positions = take("roberta.embeddings.position_embeddings.weight")[config.pad_id + 1:]
-    token_types = take("roberta.embeddings.token_type_embeddings.weight")
-    if config.use_lang_emb:
-        out["lang_emb.weight"] = token_types
-        out["pos_emb.weight"] = positions
-    else:  # HF always adds token type 0; adding it to every position row is exactly equivalent
-        out["pos_emb.weight"] = positions + token_types[0]
-    for ours, theirs in _TOP_NAMES:
-        out[ours] = take(theirs)
-    if decoder_bias is not None and not torch.equal(decoder_bias, out["mlm_head.bias"]):
-        raise ValueError("from_hf: lm_head.decoder.bias differs from lm_head.bias; the checkpoint is inconsistent")
-
-    for i in range(config.n_layers):
-        prefix, hf = f"blocks.{i}.", _LAYER.format(i=i)
-        for kind in ("weight", "bias"):
-            out[f"{prefix}attn.qkv.{kind}"] = torch.cat([take(f"{hf}attention.self.{n}.{kind}") for n in _QKV])
-        for ours, theirs in _BLOCK_NAMES:
-            out[prefix + ours] = take(hf + theirs)
-
-    if sd:
-        raise ValueError(f"from_hf: checkpoint has entries XLM-R's masked LM does not: {sorted(sd)[:5]}")
-    if out["pos_emb.weight"].shape[0] != config.max_positions or word.shape != (config.vocab_size, d):
-        raise ValueError("from_hf: tensor shapes do not match the config (vocab_size / max_position_embeddings)")
-    return {name: tensor.detach().clone().contiguous() for name, tensor in out.items()}, config
+    adapter = XLMRobertaStateDictAdapter.for_hf_config(hf_config_dict)
+    return adapter.from_hf(hf_state_dict), adapter.config

@@ -26,7 +26,7 @@ import torch
 from xlm_core.atomic import atomic_dir, sha256_file
 from xlm_core.errors import XLMError
 from xlm_core.model import ModelConfig
-from xlm_core.tokenizer import SPM_MODEL, TOKENIZER_JSON, Tokenizer, TokenizerError
+from xlm_core.tokenizer import SPM_MODEL, TOKENIZER_JSON, Tokenizer
 
 FORMAT = 2
 CONFIG = "config.json"
@@ -54,7 +54,8 @@ class ModelDir:
 def save_model_dir(path: str | Path, *, config: ModelConfig, state: dict[str, torch.Tensor], tokenizer_dir: str | Path,
                    languages: list[str], pairs: list[str], discriminator: Optional[dict[str, torch.Tensor]] = None,
                    training: Optional[dict[str, Any]] = None) -> Path:
-    """Write the folder atomically. ``state`` is the encoder's state dict (no ``model.`` prefix)."""
+    """Write the folder atomically. ``state`` is the encoder's state dict (no ``model.`` prefix), ``discriminator``
+    the language discriminator's (no ``discriminator.`` prefix) when adversarial training was on."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -79,39 +80,42 @@ def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def load_model_dir(path: str | Path, *, with_discriminator: bool = True) -> ModelDir:
     """Read and check the folder: every file's size and sha256, the config, the tokenizer against the model."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     config_path = path / CONFIG
     if not config_path.is_file():
         raise ModelDirError(f"{config_path}: not found; {FIX}")
     try:
         meta = json.loads(config_path.read_text(encoding="utf-8"))
+        if meta.get("format") != FORMAT:   # an older pretrain's folder records neither file hashes nor the run
+            raise ModelDirError(f"{config_path}: model folder format {meta.get('format')}, this code reads format "
+                                f"{FORMAT}; {FIX}")
         config = ModelConfig.from_dict(meta["model"])
         languages, pairs, files = list(meta["languages"]), list(meta.get("pairs", [])), dict(meta["files"])
         training = dict(meta.get("training") or {})
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelDirError(f"{config_path}: not a model folder's config ({exc}); {FIX}") from None
     for name in (WEIGHTS, SPM_MODEL, TOKENIZER_JSON):
         if name not in files:
             raise ModelDirError(f"{config_path}: lists no {name}; {FIX}")
     for name, expected in sorted(files.items()):
         _check_file(path / name, expected)
-    try:
-        state = load_file(str(path / WEIGHTS))
-        discriminator = (load_file(str(path / DISCRIMINATOR))
-                         if with_discriminator and DISCRIMINATOR in files else None)
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise ModelDirError(f"{path / WEIGHTS}: unreadable ({str(exc)[:200]}); {FIX}") from None
-    try:
-        tokenizer = Tokenizer.load(path)
-    except TokenizerError as exc:
-        raise ModelDirError(f"{path}: {exc}") from None
+    state = _load_weights(path / WEIGHTS)
+    discriminator = _load_weights(path / DISCRIMINATOR) if with_discriminator and DISCRIMINATOR in files else None
+    tokenizer = Tokenizer.load(path)   # its files' bytes are checked above: a TokenizerError here is its own line
     if tokenizer.vocab_size != config.vocab_size:
-        raise ModelDirError(f"{path}: the tokenizer has {tokenizer.vocab_size} ids but the model "
+        raise ModelDirError(f"{path}: tokenizer has {tokenizer.vocab_size} ids but the model "
                             f"{config.vocab_size}; {FIX}")
     return ModelDir(path=path, config=config, state=state, languages=languages, pairs=pairs, tokenizer=tokenizer,
                     discriminator=discriminator, training=training)
+
+
+def _load_weights(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise ModelDirError(f"{file}: unreadable ({str(exc)[:200]}); {FIX}") from None
 
 
 def _check_file(file: Path, expected: dict) -> None:

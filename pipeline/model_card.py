@@ -1,0 +1,87 @@
+"""The model card (README.md) of the Hugging Face export: languages, data, objectives, architecture, usage.
+
+Every fact comes from the model folder (``xlm_core.model_dir``): its config and what pretrain recorded of the run in
+``training`` (the pretrain settings, training tokens per language, the final validation figures). A folder that
+records none of them gives a shorter card.
+
+The card deliberately does not embed metrics/eval.json: export would then rerun whenever evaluation settings change.
+It points to the evaluation report instead and quotes the training run's own validation figures.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from xlm_core.hf_tokenizer import SPECIAL
+from xlm_core.model import ModelConfig
+
+
+def model_card(name: str, license_: str, config: ModelConfig, languages: list[str], pairs: list[str],
+               n_params: int, training: dict[str, Any]) -> str:
+    """The card's markdown; ``training`` is the model folder's record of the run (``ModelDir.training``)."""
+    front = ["---", f"language: [{', '.join(languages)}]", f"license: {license_}", "library_name: transformers",
+             "pipeline_tag: fill-mask", "tags: [xlm-roberta, cross-lingual, masked-lm, xlm-pipeline]", "---", ""]
+    lines = [*front, f"# {name}", "",
+             f"A cross-lingual encoder in the XLM-R architecture, pretrained with xlm-pipeline on "
+             f"{len(languages)} languages ({', '.join(languages)}).", "",
+             "## Architecture", "",
+             "| layers | hidden | heads | feed-forward | vocabulary | max positions | parameters |",
+             "|---|---|---|---|---|---|---|",
+             f"| {config.n_layers} | {config.d_model} | {config.n_heads} | {config.d_ff} | {config.vocab_size} | "
+             f"{config.max_positions} | {n_params / 1e6:.1f} M |", ""]
+    lines += ["## Training", ""]
+    p = training.get("pretrain")
+    if p:
+        objectives = ", ".join(f"{k.upper()} ({v:g})" for k, v in p.get("objectives", {}).items() if v > 0)
+        lines.append(f"- Objectives (sampling weights): {objectives or 'unknown'}.")
+        adv = p.get("adversarial", {})
+        if adv.get("weight", 0) > 0:
+            layer = f"layer {adv['layer']}" if adv.get("layer") is not None else "the middle layer"
+            lines.append(f"- Language-adversarial training: a language discriminator behind gradient reversal reads "
+                         f"the mean-pooled states of {layer} (weight {adv['weight']:g}, λ up to "
+                         f"{adv.get('lambda_max', 1):g}).")
+        lines.append(f"- {p.get('steps', '?')} steps of {p.get('batch_size', '?')} sequences × {p.get('seq_len', '?')} "
+                     f"tokens ({p.get('mode', 'stream')} mode), masking {p.get('masking', {}).get('rate', 0.15):g}, "
+                     f"optimizer AdamW lr {p.get('optimizer', {}).get('lr', '?')} "
+                     f"({p.get('optimizer', {}).get('schedule', '?')} schedule).")
+    else:
+        lines.append("- Training settings unavailable (the model folder records none).")
+    if pairs:
+        lines.append(f"- Parallel pairs (translation LM): {', '.join(pairs)}.")
+    lines.append("")
+    train_tokens = training.get("train_tokens") or {}
+    if train_tokens.get("languages"):
+        lines += ["## Data", "", "Training tokens per language (after cleaning and de-duplication):", "",
+                  "| language | sentences | tokens |", "|---|---|---|"]
+        for lang, c in sorted(train_tokens["languages"].items()):
+            lines.append(f"| {lang} | {c.get('rows', '?'):,} | {c.get('tokens', '?'):,} |")
+        lines.append("")
+    valid = training.get("valid") or {}
+    if valid:
+        lines += ["## Validation at the end of training", "", "| figure | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in sorted(valid.items())]
+        lines.append("")
+    lines += ["## Evaluation", "",
+              "Test-split perplexity, bitext retrieval and zero-shot probes, each beside a random-init baseline, are in "
+              "the run's `reports/eval.md` and `metrics/eval.json` (`dvc metrics show`).", ""]
+    lines += ["## Usage", "", "```python", "from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline", "",
+              'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+              'model = AutoModelForMaskedLM.from_pretrained("path/to/this/folder")',
+              'fill = pipeline("fill-mask", model=model, tokenizer=tokenizer)',
+              f'fill("... {SPECIAL["mask_token"]} ...")']
+    if config.use_lang_emb:
+        table = ", ".join(f"{lang} = {i}" for i, lang in enumerate(languages))
+        lines += ["", "# This model was trained with language embeddings: pass the language of the text as",
+                  "# token_type_ids (one id for the whole sequence). The ids are config.lang2id:",
+                  f"#   {table}",
+                  'inputs = tokenizer("Bonjour le monde", return_tensors="pt")',
+                  f'inputs["token_type_ids"] = inputs["input_ids"].new_full(inputs["input_ids"].shape, '
+                  f'{languages.index("fr") if "fr" in languages else 0})',
+                  "outputs = model(**inputs)"]
+    lines += ["```", ""]
+    if config.use_lang_emb:
+        lines += ["**Language embeddings.** Without `token_type_ids` the model reads every text as language 0 "
+                  f"({languages[0]}); pass the ids above for the figures it was trained for. The fill-mask pipeline "
+                  "does not pass them.", ""]
+    lines += ["The tokenizer (`tokenizer.json`, loaded as `PreTrainedTokenizerFast`) reproduces the sentencepiece model "
+              "`sentencepiece.bpe.model` with XLM-R's ids: `<s>` 0, `<pad>` 1, `</s>` 2, `<unk>` 3, `<mask>` last.", ""]
+    return "\n".join(lines)
