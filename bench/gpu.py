@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:
 
 from xlm_core.model import ModelConfig, XLMModel  # noqa: E402
 from xlm_core.objectives import MaskingConfig, mask_tokens, mlm_loss  # noqa: E402
+from xlm_core.train.runtime import measure_peak_flops  # noqa: E402
 
 DATASHEET_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense, SXM unless named
 
@@ -51,20 +52,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def matmul_peak_tflops(device: torch.device, n: int = 8192) -> float:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    torch.mm(a, b)
-    sync(device)
-    best = float("inf")
-    for _ in range(10):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best / 1e12
 
 
 def make_steps(args, config: ModelConfig, device: torch.device) -> dict:
@@ -141,7 +128,7 @@ def main(argv=None) -> list[dict]:
                                 max_positions=max(args.seq, 512))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     datasheet = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None)
-    peak = matmul_peak_tflops(device)
+    peak = measure_peak_flops(device, n=8192) / 1e12
     steps = make_steps(args, config, device)
     for step in steps.values():
         for _ in range(args.warmup):

@@ -52,7 +52,7 @@ from xlm_core.metrics import masked_lm_score  # noqa: E402
 from xlm_core.model import ModelConfig, XLMModel  # noqa: E402
 from xlm_core.objectives import MaskingConfig, mlm_loss  # noqa: E402
 from xlm_core.tokenizer import Tokenizer  # noqa: E402
-from xlm_core.trainer import Trainer, seq_len_schedule  # noqa: E402
+from xlm_core.train.trainer import Trainer, seq_len_schedule  # noqa: E402
 
 BETAS, EPS, WEIGHT_DECAY, CLIP = (0.9, 0.98), 1e-6, 0.01, 1.0
 

@@ -45,6 +45,7 @@ if str(ROOT) not in sys.path:
 
 from xlm_core.model import ModelConfig, XLMModel  # noqa: E402
 from xlm_core.objectives import MaskingConfig, mask_tokens, mlm_loss  # noqa: E402
+from xlm_core.train.runtime import measure_peak_flops  # noqa: E402
 
 Step = Callable[[], None]
 CANDIDATES = ("ours", "ours-compile", "hf-eager", "hf-sdpa")
@@ -152,17 +153,9 @@ def native_bf16() -> bool:
     return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def matmul_peak_gflops(dtype: str, n: int = 2048, repeats: int = 10) -> float:
-    """Best GFLOP/s of an n × n × n torch.mm over `repeats` runs, all threads."""
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    a, b = torch.randn(n, n, dtype=torch_dtype), torch.randn(n, n, dtype=torch_dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best / 1e9
+def matmul_peak_gflops(dtype: str, n: int = 2048) -> float:
+    """The CPU's measured matmul peak in ``dtype`` (xlm_core.train.runtime: the one measurement, as pretrain logs)."""
+    return measure_peak_flops(torch.device("cpu"), {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype], n) / 1e9
 
 
 def interleaved_times(steps: dict[str, Step], warmup: int, repeats: int) -> dict[str, dict[str, list[float]]]:

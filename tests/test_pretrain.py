@@ -16,7 +16,7 @@ from pipeline.params import load_params
 from pipeline.shard import make_shards
 from pipeline.tokenizer import train_tokenizer
 from test_tokenizer import write_clean, write_params_file
-from xlm_core.checkpoint import list_checkpoints
+from xlm_core.train.checkpoint import list_checkpoints
 
 LANGS = ["en", "fr", "ru"]
 PAIRS = ["en-fr", "en-ru"]

@@ -104,3 +104,24 @@ def init_embeddings(weight: torch.Tensor, pieces: Iterable[tuple[int, str]], vec
             weight[torch.as_tensor(rows)] = torch.as_tensor(mean * scale, dtype=weight.dtype)
     coverage["initialised_rows"] = float(len(rows))
     return coverage
+
+
+def init_model_embeddings(model, vectors: str | Path | Mapping[str, str | Path], tokenizer, seed: int) -> dict[str, float]:
+    """Initialise ``model.tok_emb`` from ``vectors`` (one file, or language -> file) for the tokenizer's pieces.
+
+    The special ids (the first four and the last, <mask>) keep their random init. Returns the coverage per file.
+    """
+    files = {"all": vectors} if isinstance(vectors, (str, Path)) else dict(vectors)
+    pieces = [(i, tokenizer.id_to_piece(i)) for i in range(4, tokenizer.vocab_size - 1)]
+    coverage = init_embeddings(model.tok_emb.weight, pieces, files, seed=seed, std=model.config.init_std)
+    if not torch.isfinite(model.tok_emb.weight).all():  # "nan"/"inf" parse as numbers, then every loss is NaN
+        raise VectorsError(f"pretrain.embeddings.vectors: {', '.join(map(str, files.values()))} hold NaN or "
+                           f"infinite values; fix or replace the file(s) in params.yaml")
+    return coverage
+
+
+def coverage_line(coverage: Mapping[str, float]) -> str:
+    """What ``init_model_embeddings`` did, in one line for the log."""
+    shown = ", ".join(f"{k} {v:.1%}" for k, v in coverage.items() if k != "initialised_rows")
+    return (f"embeddings: initialised {int(coverage['initialised_rows'])} rows from word vectors; coverage of the "
+            f"vocabulary per file: {shown}")

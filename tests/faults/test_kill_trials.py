@@ -109,7 +109,7 @@ def test_a_killed_writers_leftover_goes_even_when_its_pid_is_a_zombie_or_reused(
 
 def test_curves_cut_by_a_kill_are_truncated_to_the_resumed_checkpoint(tmp_path):
     """dvclive appends rows as training goes: a kill leaves rows past the checkpoint, maybe a half-written one."""
-    from pipeline.pretrain import _truncate_live
+    from xlm_core.train.sinks import truncate_live as _truncate_live
 
     train = tmp_path / "plots" / "metrics" / "train"
     train.mkdir(parents=True)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from xlm_core import checkpoint as ckpt
+from xlm_core.train import checkpoint as ckpt
 from xlm_core.atomic import sha256_file
 
 LIBRARY = ("pipeline", "xlm_core")
@@ -62,7 +62,7 @@ def test_torch_save_writes_only_checkpoint_state():
     found = [(p, node) for p in python_files(*LIBRARY, "bench") for name, node in calls(p) if name == "torch.save"]
     assert found, "torch.save is used to write checkpoint state; the search found nothing"
     for path, node in found:
-        assert path == ROOT / "xlm_core" / "checkpoint.py", f"torch.save at {_where(path, node)}: use safetensors"
+        assert path == ROOT / "xlm_core" / "train" / "checkpoint.py", f"torch.save at {_where(path, node)}: use safetensors"
         saved = node.args[0]
         if isinstance(saved, ast.Call) and _dotted(saved.func) == "_canonical":   # a copy, for byte-stable files
             saved = saved.args[0]

@@ -17,7 +17,7 @@ import yaml
 from conftest import ROOT, project_env, run, write_params
 from fault_helpers import (assert_one_error_line, build_corpus, leftovers, pretrain_args, run_module, tree_digest,
                            write_pretrain_params)
-from xlm_core import checkpoint as ckpt
+from xlm_core.train import checkpoint as ckpt
 
 
 @pytest.fixture(scope="module")

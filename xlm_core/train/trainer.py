@@ -1,18 +1,22 @@
-"""A small trainer: one optimizer step over a list of micro-batches, with the guards long runs need.
+"""The Trainer: optimizer steps over micro-batches with the guards long runs need, and the ``fit`` loop.
 
-It knows nothing of the pipeline, DVC or Prefect. Parallelism (DDP/FSDP) and compilation are applied to the model
-from outside; the trainer only asks the wrapped module not to sync gradients between accumulation micro-steps.
+Parallelism (DDP/FSDP2) and compilation are applied to the model from outside; the trainer only asks the wrapped
+module not to sync gradients between accumulation micro-steps (``parallelize.gradient_sync``). The pieces with state
+(model and optimizer, scheduler and counters, loader) are ``Stateful``: the checkpoint manager gathers and restores
+them.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from xlm_core.errors import XLMError
+from xlm_core.train.parallelize import gradient_sync
 
 
 class TrainingDiverged(XLMError, RuntimeError):
@@ -74,20 +78,27 @@ class StepResult:
     grad_norm: float
     skipped: bool
     lr: float
+    tokens: int = 0   # tokens of this rank's micro-batches
     logs: dict[str, float] = field(default_factory=dict)
 
 
+# A hook runs after every optimizer step: ``hook(trainer, result)``; it decides itself whether to act at this step.
+Hook = Callable[["Trainer", StepResult], None]
+
+
 class Trainer:
-    """Owns the optimizer and scheduler around a (possibly wrapped) model.
+    """Owns the optimizer, the scheduler and the loader around a (possibly wrapped) model.
 
     ``loss_fn(model, micro_batch) -> (loss, logs)`` computes one micro-batch's loss; the trainer scales it by the
-    number of micro-batches so gradients equal those of the whole batch at once.
+    number of micro-batches so gradients equal those of the whole batch at once. ``state_dict`` holds the scheduler
+    and the counters; the optimizer's state is the checkpoint manager's (unsharded with the model's under FSDP).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler,
                  loss_fn: Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]],
-                 clip_norm: float = 1.0, autocast_dtype: torch.dtype | None = None, max_bad_steps: int = 5):
+                 clip_norm: float = 1.0, autocast_dtype: torch.dtype | None = None, max_bad_steps: int = 5,
+                 loader: Iterator[Sequence[Any]] | None = None, device: torch.device | None = None):
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -95,14 +106,27 @@ class Trainer:
         self.clip_norm = clip_norm
         self.autocast_dtype = autocast_dtype
         self.max_bad_steps = max_bad_steps
+        self.loader = loader          # yields one optimizer step's micro-batches at a time
+        self.device = device or torch.device("cpu")
         self.step = 0                 # optimizer steps taken (skipped ones included: the data moved on)
         self.bad_in_a_row = 0
         self.skipped_total = 0
+        self.data_wait_s = 0.0        # time fit spent waiting for the loader (its stall)
 
     def _autocast(self, device_type: str):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device_type, dtype=self.autocast_dtype)
+
+    def fit(self, steps: int, hooks: Sequence[Hook] = ()) -> None:
+        """Train until ``steps`` optimizer steps are done (counting those before a resume), hooks after each."""
+        while self.step < steps:
+            wait_start = time.perf_counter()
+            micro = [mb.to(self.device) for mb in next(self.loader)]
+            self.data_wait_s += time.perf_counter() - wait_start
+            result = self.train_step(micro, device_type=self.device.type)
+            for hook in hooks:
+                hook(self, result)
 
     def train_step(self, micro_batches: Sequence[Any], device_type: str = "cpu") -> StepResult:
         self.model.train()
@@ -110,9 +134,7 @@ class Trainer:
         total = torch.zeros((), device=next(self.model.parameters()).device)
         logs: dict[str, float] = {}
         for i, mb in enumerate(micro_batches):
-            sync = (i == n - 1) or not hasattr(self.model, "no_sync")
-            ctx = contextlib.nullcontext() if sync else self.model.no_sync()
-            with ctx:
+            with gradient_sync(self.model, enabled=i == n - 1):
                 with self._autocast(device_type):
                     loss, mb_logs = self.loss_fn(self.model, mb)
                 (loss / n).backward()
@@ -132,7 +154,7 @@ class Trainer:
         if finite:
             self.optimizer.step()
             self.bad_in_a_row = 0
-        else:
+        else:  # one bad batch (or an overflow) should not poison the weights: skip it, but not forever
             self.bad_in_a_row += 1
             self.skipped_total += 1
         self.optimizer.zero_grad(set_to_none=True)
@@ -142,33 +164,16 @@ class Trainer:
             raise TrainingDiverged(
                 f"loss was not finite for {self.bad_in_a_row} steps in a row (last at step {self.step}); lower "
                 f"pretrain.optimizer.lr, set pretrain.optimizer.clip_norm, or use dtype fp32")
-        return StepResult(loss=loss_value, grad_norm=float(grad_norm), skipped=not finite, lr=lr, logs=logs)
+        tokens = sum(int(getattr(mb, "n_tokens", 0)) for mb in micro_batches)
+        return StepResult(loss=loss_value, grad_norm=float(grad_norm), skipped=not finite, lr=lr, tokens=tokens,
+                          logs=logs)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "step": self.step,
-            "bad_in_a_row": self.bad_in_a_row,
-            "skipped_total": self.skipped_total,
-        }
+        return {"scheduler": self.scheduler.state_dict(), "step": self.step, "bad_in_a_row": self.bad_in_a_row,
+                "skipped_total": self.skipped_total}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.bad_in_a_row = int(state["bad_in_a_row"])
         self.skipped_total = int(state["skipped_total"])
-
-
-def rng_state() -> dict[str, torch.Tensor]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])

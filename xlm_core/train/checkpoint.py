@@ -3,7 +3,7 @@
 Layout of one checkpoint, ``<root>/step-000001200/``:
 
 - ``model.safetensors``: the weights (safetensors: no pickle, safe to hand to anyone);
-- ``state.pt``: optimizer, scheduler and RNG tensors, saved with ``torch.save`` of plain containers and loaded with
+- ``state.pt``: optimizer, scheduler and step counters, saved with ``torch.save`` of plain containers and loaded with
   ``torch.load(weights_only=True)`` (no arbitrary code on load);
 - ``meta.json``: step, the training fingerprint, the model config and any JSON state (data loader position, counters);
 - ``COMMIT``: written last, holding the size and sha256 of every other file.
@@ -11,6 +11,9 @@ Layout of one checkpoint, ``<root>/step-000001200/``:
 The folder is written under a temporary name and renamed into place; a checkpoint counts only when its COMMIT
 marker is present and matches the files, so one killed mid-write (or truncated later by a full disk) is ignored and
 the previous one is used. Only the newest ``keep_last`` are kept.
+
+``CheckpointManager`` is the one reader of the folder during training: it finds the checkpoint to resume from,
+saves every ``Stateful`` piece of a run and loads them back.
 """
 from __future__ import annotations
 
@@ -22,13 +25,14 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from xlm_core.atomic import atomic_dir, disk_full_reason, is_disk_full, sha256_file
 from xlm_core.errors import XLMError
+from xlm_core.train.parallelize import barrier
 
 _NAME = re.compile(r"^step-(\d{9})$")
 COMMIT = "COMMIT"
@@ -177,3 +181,86 @@ def clear(root: str | Path) -> int:
         removed += 1
     prune(root, keep_last=0)
     return removed
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class CheckpointManager:
+    """A run's checkpoints under ``root``: which one to resume from, and saving/loading every piece of the run.
+
+    The pieces (``track``): ``weights`` (model and optimizer, unsharded: ``parallelize.FullState``) go to
+    ``model.safetensors`` and ``state.pt``; ``trainer`` (scheduler, counters) to ``state.pt``; ``loader`` (its
+    position, plain integers) to ``meta.json`` beside ``meta`` (the run's fingerprint and identity).
+    """
+
+    def __init__(self, root: str | Path, *, keep_last: int = 2, is_main: bool = True,
+                 say: Callable[[str], None] = lambda message: None):
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.is_main = is_main
+        self.say = say
+        self.resumable: Optional[Path] = None
+        self.stale: Optional[tuple[str, dict]] = None   # (name, identity) of a checkpoint of other settings, cleared
+        self._pieces: dict[str, Any] = {}
+        self._meta: dict[str, Any] = {}
+
+    def find_resumable(self, fingerprint: str) -> Optional[int]:
+        """The step of the newest valid checkpoint made with ``fingerprint``, or None.
+
+        Incomplete checkpoints (killed while writing, damaged) are named and skipped. When the newest valid one was
+        made with other settings, ``stale`` keeps its name and identity (to say what changed) and rank 0 clears the
+        folder: the run starts fresh.
+        """
+        latest = latest_checkpoint(self.root)
+        latest_step = int(_NAME.match(latest.name).group(1)) if latest is not None else -1
+        for step, path in list_checkpoints(self.root):
+            if step > latest_step:
+                self.say(f"ignoring incomplete checkpoint {path} (killed while writing, or damaged)")
+        if latest is None:
+            return None
+        try:
+            meta = json.loads((latest / "meta.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {latest} cannot be read ({exc}); delete it") from None
+        if meta.get("fingerprint") == fingerprint:
+            self.resumable = latest
+            return latest_step
+        self.stale = (latest.name, meta.get("identity", {}))
+        if self.is_main:
+            clear(self.root)
+        return None
+
+    def track(self, *, weights: Stateful, trainer: Stateful, loader: Stateful, meta: dict[str, Any]) -> None:
+        self._pieces = {"weights": weights, "trainer": trainer, "loader": loader}
+        self._meta = dict(meta)
+
+    def save(self, step: int) -> Path:
+        """Checkpoint ``step``: collective (every rank gathers the full state), rank 0 writes."""
+        full = self._pieces["weights"].state_dict()
+        target = checkpoint_dir(self.root, step)
+        if self.is_main:
+            state = {"optimizer": full["optimizer"], **self._pieces["trainer"].state_dict()}
+            meta = {**self._meta, "loader": self._pieces["loader"].state_dict()}
+            save_checkpoint(self.root, step, full["model"], state, meta, keep_last=self.keep_last)
+        barrier()
+        return target
+
+    def load(self) -> int:
+        """Restore every piece from the checkpoint ``find_resumable`` chose; returns its step."""
+        checkpoint = load_checkpoint(self.resumable, map_location="cpu")
+        state = dict(checkpoint.state)
+        self._pieces["weights"].load_state_dict({"model": checkpoint.model, "optimizer": state.pop("optimizer")})
+        self._pieces["trainer"].load_state_dict(state)
+        self._pieces["loader"].load_state_dict(checkpoint.meta["loader"])
+        return checkpoint.step
+
+    def final_weights(self) -> dict[str, torch.Tensor]:
+        """The model state of the newest checkpoint: what the run's outputs are written from."""
+        newest = latest_checkpoint(self.root)
+        if newest is None:
+            raise CheckpointError(f"{self.root}: no complete checkpoint to write the model from; run again")
+        return load_checkpoint(newest).model
