@@ -109,8 +109,9 @@ def pretrain(params: StageParams, shards_dir: Path, tokenizer_dir: Path, checkpo
     start_step = trainer.step
     sinks = [DVCLiveSink(live_dir, start_step if resume_step is not None else None),
              *progress_file_sink(p.steps), StderrProgress(p.steps, start_step)] if is_main else []
-    log = TrainLog(sinks, p.log_every, p.steps, world, model.flops_per_token(p.seq_len, projected_fraction=p.masking.rate),
-                   runtime.measure_peak_flops(device) if is_main else 0.0, row_length)
+    flops = model.flops_per_token(p.seq_len, projected_fraction=p.masking.rate)
+    log = TrainLog(sinks, p.log_every, p.steps, world, flops, runtime.measure_peak_flops(device) if is_main else 0.0,
+                   row_length)
     jobs = validation_jobs(p.objectives, params.languages, pairs)
     last_valid: dict[str, float] = {}
 

@@ -106,7 +106,8 @@ def init_embeddings(weight: torch.Tensor, pieces: Iterable[tuple[int, str]], vec
     return coverage
 
 
-def init_model_embeddings(model, vectors: str | Path | Mapping[str, str | Path], tokenizer, seed: int) -> dict[str, float]:
+def init_model_embeddings(model, vectors: str | Path | Mapping[str, str | Path], tokenizer,
+                          seed: int) -> dict[str, float]:
     """Initialise ``model.tok_emb`` from ``vectors`` (one file, or language -> file) for the tokenizer's pieces.
 
     The special ids (the first four and the last, <mask>) keep their random init. Returns the coverage per file.
