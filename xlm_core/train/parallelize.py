@@ -94,9 +94,14 @@ class FullState:
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+            tuples = [{k for k, v in group.items() if isinstance(v, tuple)} for group in self.optimizer.param_groups]
             set_state_dict(self.task, self.optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optimizer"],
                            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+            # It hands the optimizer lists where it had tuples (betas): the same values, but other pickle bytes in
+            # the next checkpoint, and a resumed run's checkpoints must be those of an uninterrupted one.
+            for group, keys in zip(self.optimizer.param_groups, tuples):
+                group.update({k: tuple(group[k]) for k in keys})
             return
         self.task.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
