@@ -13,10 +13,11 @@ import pytest
 import yaml
 
 from conftest import dvc, project_env, python_module, run, write_params
-from pipeline.clean import SPLITS, clean, salt_key, split_of
+from pipeline.clean import clean
 from pipeline.errors import PipelineError
 from pipeline.params import load_params
 from xlm_core import text as text_mod
+from xlm_core.cleaning.split import SPLITS, salt_key, split_of
 from xlm_core.text import normalize_text, ratio_length, script_fraction, script_fractions, strip_html, text_key
 
 SALT = "xlm-pipeline"

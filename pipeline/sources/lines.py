@@ -1,10 +1,10 @@
 """From raw byte lines to ``data/raw/<source>/<lang>.tsv`` rows (``<source>:<key><TAB>text``).
 
 A line that is not valid UTF-8, holds a NUL byte or is longer than ``MAX_LINE_BYTES`` is dropped and counted, never
-fatal; a blank segment is dropped and counted too. An over-long line is skipped in bounded chunks, never held whole:
-a file without line breaks (a minified JSON, a binary mistaken for text) would otherwise need several times its size
-in memory. The line number keeps counting over dropped lines, so ids stay aligned across the files of a
-parallel source ("a segment missing in one language is simply absent from that file").
+fatal; a blank segment is dropped and counted too. An over-long line is skipped in bounded chunks, never held whole
+(``xlm_core.lines.bounded_lines``, the reader the clean stage uses too). The line number keeps counting over dropped
+lines, so ids stay aligned across the files of a parallel source ("a segment missing in one language is simply
+absent from that file").
 """
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.sources.archives import DECOMPRESSION_ERRORS, Member, corrupt_data
+from xlm_core.lines import bounded_lines
 
 # Everything a later reader could take for a line break (str.splitlines' set) becomes a space.
 _ONE_LINE = str.maketrans(dict.fromkeys("\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029", " "))
 _PROGRESS_EVERY = 4096
 # Longer lines are no sentence: dropped (``long_lines`` in the manifest). clean.max_chars drops far shorter ones.
 MAX_LINE_BYTES = 1 << 24
-_SKIP_CHUNK = 1 << 20
 
 
 def one_line(text: str) -> str:
@@ -87,25 +87,14 @@ def file_lines(open_member: Callable[[], ContextManager[Member]], label: str) ->
     with open_member() as member:
         number = 0
         try:
-            for raw, too_long in bounded_lines(member.stream):
+            for raw, too_long in bounded_lines(member.stream, MAX_LINE_BYTES):
                 number += 1
-                yield FileLine(member.name, number, raw, too_long)
+                yield FileLine(member.name, number, b"" if too_long else raw, too_long)
         except DECOMPRESSION_ERRORS as exc:
             raise corrupt_data(label, member.name, exc, after=f" after line {number}") from None
         if number == 0:
             raise PipelineError(f"{label}: {member.name} is empty (no lines); check the URL/path, or remove this "
                                 f"source from params.yaml")
-
-
-def bounded_lines(stream, limit: int = MAX_LINE_BYTES) -> Iterator[tuple[bytes, bool]]:
-    """``(line, False)`` per line of ``stream``, or ``(b"", True)`` for one over ``limit`` bytes (line end aside)."""
-    while raw := stream.readline(limit + 1):
-        if len(raw) <= limit or raw.endswith(b"\n") and len(raw) == limit + 1:
-            yield raw, False
-            continue
-        while (rest := stream.readline(_SKIP_CHUNK)) and not rest.endswith(b"\n"):
-            pass
-        yield b"", True
 
 
 def chain(files: Iterable[Iterator[FileLine]]) -> Iterator[FileLine]:
