@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.shard import LANG_TYPE, ShardResult, build_manifest, shard_schema  # noqa: E402
 from xlm_core.atomic import sha256_file  # noqa: E402
 from xlm_core.data import PretrainLoader, open_split, read_mono_rows  # noqa: E402
+from xlm_core.shards import LANG_TYPE, ShardResult, build_manifest, shard_schema  # noqa: E402
 
 LANGS = ["en", "fr", "es", "ru", "ar"]
 PAIRS = ["en-fr", "en-es"]

@@ -7,7 +7,8 @@
 The work is a list of independent units, one per output shard: shard k of (split, kind) holds input rows
 [k·rows_per_shard, (k+1)·rows_per_shard) of that clean file, in order. ``plan_shards`` lists the units,
 ``encode_shard`` does one (reads only its row range, encodes it in batches with sentencepiece's multithreaded batch
-encoder, writes the shard) and returns a small JSON-able ``ShardResult``; ``write_manifests`` merges the results. A unit
+encoder, writes the shard) and returns a small JSON-able ``ShardResult``; the results make the manifests. The shard
+format itself (schema, writer, manifest) is xlm_core.shards'. A unit
 depends on nothing but its inputs, so any runner (``shard.task_runner``: a thread pool or a Dask cluster, as Prefect
 tasks when a Prefect server answers; see pipeline.fanout) produces byte-identical shards, and memory stays at one
 batch per running unit whatever the corpus size.
@@ -21,37 +22,27 @@ import os
 import sys
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.errors import PipelineError, disk_full_is_an_error, run_cli
+from pipeline.errors import disk_full_is_an_error, run_cli
 from pipeline.fanout import FanOut, run_stage
 from pipeline.params import PARAMS_FILE, ShardParams, load_params
-from xlm_core.atomic import atomic_dir, atomic_path, sha256_file, write_json
-from xlm_core.shards import (KINDS, MANIFEST, MANIFEST_FORMAT, ShardError, ShardSet, iter_row_range, open_parquet,
-                             shard_name)
-from xlm_core.tokenizer import Tokenizer, TokenizerError
+from xlm_core.atomic import atomic_dir, sha256_file, write_json
+from xlm_core.shards import (KINDS, LANG_TYPE, ShardError, ShardResult, ShardSet, build_manifest, iter_row_range,
+                             merge_group_counts, open_parquet, shard_name, shard_schema, shard_writer, write_manifest)
+from xlm_core.tokenizer import Tokenizer
 
 STAGE = "shard"
 SPLITS = ("train", "valid", "test")
 CLEAN_HINT = "run `dvc repro clean`"
 INPUT_COLUMNS = {"mono": ["id", "lang", "text"], "para": ["id", "src_lang", "tgt_lang", "src", "tgt"]}
-LANG_TYPE = pa.dictionary(pa.int32(), pa.string())
-
-
-def shard_schema(kind: str, ids_type: pa.DataType) -> pa.Schema:
-    ids = pa.list_(ids_type)
-    if kind == "mono":
-        return pa.schema([("id", pa.string()), ("lang", LANG_TYPE), ("ids", ids), ("length", pa.int32())])
-    return pa.schema([("id", pa.string()), ("src_lang", LANG_TYPE), ("tgt_lang", LANG_TYPE), ("src_ids", ids),
-                      ("tgt_ids", ids), ("src_length", pa.int32()), ("tgt_length", pa.int32())])
 
 
 # -------------------------------------------------------------------------------------------------------------- units
@@ -69,20 +60,6 @@ class ShardTask:
     @property
     def file_name(self) -> str:
         return shard_name(self.kind, self.index)
-
-
-@dataclass(frozen=True)
-class ShardResult:
-    """What a unit reports back: plain data, so it crosses thread/process/Dask boundaries unchanged."""
-
-    split: str
-    kind: str
-    file: str
-    rows: int
-    tokens: int
-    sha256: str
-    # language (mono) or "src-tgt" pair (para) -> {"rows", "tokens"} (+ "src_tokens", "tgt_tokens" for pairs)
-    groups: dict = field(default_factory=dict)
 
 
 def plan_shards(clean_dir: str | Path, rows_per_shard: int) -> list[ShardTask]:
@@ -136,13 +113,6 @@ def _group_sums(codes: np.ndarray, names: list[str], **weights: np.ndarray) -> d
             for i in range(n) if rows[i]}
 
 
-def _merge(into: dict[str, dict], part: dict[str, dict]) -> None:
-    for name, counts in part.items():
-        slot = into.setdefault(name, dict.fromkeys(counts, 0))
-        for key, value in counts.items():
-            slot[key] += value
-
-
 def _encode_mono(table: pa.Table, tok: Tokenizer, threads: int) -> tuple[pa.Table, dict]:
     ids, lengths = _id_list(tok, table.column("text").to_pylist(), threads)
     lang = _codes(table.column("lang"))
@@ -174,20 +144,18 @@ def encode_shard(task: ShardTask, *, tokenizer_dir: str, tokenizer_sha256: str, 
     tok = _tokenizer(str(tokenizer_dir), tokenizer_sha256)
     encode = _encode_mono if task.kind == "mono" else _encode_para
     pf = open_parquet(task.source, INPUT_COLUMNS[task.kind], CLEAN_HINT)
-    schema = shard_schema(task.kind, pa.from_numpy_dtype(tok.ids_dtype))
     path = Path(out_dir) / task.split / task.file_name
     groups: dict[str, dict] = {}
     rows = 0
-    with atomic_path(path) as tmp:
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            for table in iter_row_range(pf, task.start, task.stop, INPUT_COLUMNS[task.kind], batch_rows):
-                _check_no_nulls(table, task)
-                out, part = encode(table, tok, threads)
-                writer.write_table(out, row_group_size=batch_rows)
-                _merge(groups, part)
-                rows += out.num_rows
-                if progress is not None:
-                    progress(out.num_rows)
+    with shard_writer(path, task.kind, pa.from_numpy_dtype(tok.ids_dtype)) as writer:
+        for table in iter_row_range(pf, task.start, task.stop, INPUT_COLUMNS[task.kind], batch_rows):
+            _check_no_nulls(table, task)
+            out, part = encode(table, tok, threads)
+            writer.write_table(out, row_group_size=batch_rows)
+            merge_group_counts(groups, part)
+            rows += out.num_rows
+            if progress is not None:
+                progress(out.num_rows)
     if rows != task.stop - task.start:  # the input changed under us
         raise ShardError(f"{task.source}: read {rows} rows in {task.start}..{task.stop}, expected "
                          f"{task.stop - task.start}; the file changed while sharding: rerun `dvc repro shard`")
@@ -196,34 +164,7 @@ def encode_shard(task: ShardTask, *, tokenizer_dir: str, tokenizer_sha256: str, 
                        groups=dict(sorted(groups.items())))
 
 
-# ---------------------------------------------------------------------------------------------------------- manifests
-GROUP_KEY = {"mono": "languages", "para": "pairs"}
-
-
-def build_manifest(split: str, results: list[ShardResult], tok: Tokenizer, rows_per_shard: int) -> dict:
-    """The manifest of one split from its units' results (in plan order)."""
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "split": split,
-        "tokenizer_sha256": tok.sha256,
-        "vocab_size": tok.vocab_size,
-        "ids_type": str(tok.ids_dtype),
-        "rows_per_shard": rows_per_shard,
-        # per file: which languages (mono) or pairs (para) it holds, so a loader can skip files
-        "files": [{"file": r.file, "kind": r.kind, "rows": r.rows, "tokens": r.tokens, "sha256": r.sha256,
-                   GROUP_KEY[r.kind]: sorted(r.groups)} for r in results],
-    }
-    for kind, group_key in GROUP_KEY.items():
-        of_kind = [r for r in results if r.kind == kind]
-        groups: dict[str, dict] = {}
-        for r in of_kind:
-            _merge(groups, r.groups)
-        manifest[kind] = {"files": len(of_kind), "rows": sum(r.rows for r in of_kind),
-                          "tokens": sum(r.tokens for r in of_kind)}
-        manifest[group_key] = dict(sorted(groups.items()))
-    return manifest
-
-
+# ---------------------------------------------------------------------------------------------------------- metrics
 def shard_metrics(manifests: dict[str, dict]) -> dict:
     """metrics/shard.json: rows and tokens per split, per language and per pair."""
     return {split: {key: m[key] for key in ("mono", "para", "languages", "pairs")} for split, m in manifests.items()}
@@ -239,20 +180,14 @@ def make_shards(params, clean_dir: str | Path = "data/clean", tokenizer_dir: str
     ``executor`` (e.g. a ThreadPoolExecutor) when given; the output is the same bytes either way.
     """
     sp: ShardParams = params.shard
-    try:
-        tok = Tokenizer.load(tokenizer_dir)
-        tasks = plan_shards(clean_dir, sp.rows_per_shard)
-    except (TokenizerError, ShardError) as exc:
-        raise PipelineError(str(exc)) from None
+    tok = Tokenizer.load(tokenizer_dir)
+    tasks = plan_shards(clean_dir, sp.rows_per_shard)
     total_rows = sum(t.stop - t.start for t in tasks)
     print(f"shard: {total_rows:,} rows in {len(tasks)} shard(s), tokenizer {tok.sha256[:12]} "
           f"(vocab {tok.vocab_size}, ids {tok.ids_dtype}), {sp.threads} encode threads", file=sys.stderr)
     started = time.perf_counter()
-    try:
-        with disk_full_is_an_error(STAGE, out_dir):
-            results, manifests = _write_shards(tasks, tok, sp, tokenizer_dir, out_dir, executor)
-    except (TokenizerError, ShardError) as exc:
-        raise PipelineError(str(exc)) from None
+    with disk_full_is_an_error(STAGE, out_dir):
+        results, manifests = _write_shards(tasks, tok, sp, tokenizer_dir, out_dir, executor)
     elapsed = time.perf_counter() - started
     tokens = sum(r.tokens for r in results)
     print(f"shard: {tokens:,} tokens in {elapsed:.1f}s ({tokens / max(elapsed, 1e-9):,.0f} tokens/s)", file=sys.stderr)
@@ -282,17 +217,14 @@ def _write_shards(tasks: list[ShardTask], tok: Tokenizer, sp: ShardParams, token
         manifests = {split: build_manifest(split, [r for r in results if r.split == split], tok, sp.rows_per_shard)
                      for split in SPLITS}
         for split, manifest in manifests.items():
-            write_json(tmp / split / MANIFEST, manifest)
+            write_manifest(tmp / split, manifest)
     return results, manifests
 
 
 def check_shards(tokenizer_dir: str | Path = "data/tokenizer", out_dir: str | Path = "data/shards") -> dict[str, int]:
     """Verify every split's shards (sha256) and that they were made with ``tokenizer_dir``; files checked per split."""
-    try:
-        tok = Tokenizer.load(tokenizer_dir)
-        return {split: ShardSet(Path(out_dir) / split, tokenizer=tok).verify() for split in SPLITS}
-    except (TokenizerError, ShardError) as exc:
-        raise PipelineError(str(exc)) from None
+    tok = Tokenizer.load(tokenizer_dir)
+    return {split: ShardSet(Path(out_dir) / split, tokenizer=tok).verify() for split in SPLITS}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

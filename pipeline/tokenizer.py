@@ -33,11 +33,11 @@ from tqdm import tqdm
 
 from pipeline.errors import PipelineError, disk_full_is_an_error, run_cli
 from pipeline.params import PARAMS_FILE, TokenizerParams, load_params
-from xlm_core.atomic import atomic_dir, sha256_file, write_json
+from xlm_core.atomic import atomic_dir, write_json
 from xlm_core.languages import NO_SPACE_LANGS
 from xlm_core.shards import ShardError, iter_row_range, open_parquet
 from xlm_core.special_tokens import FIRST_PIECE
-from xlm_core.tokenizer import SPM_MODEL, SPM_VOCAB, TOKENIZER_JSON, Tokenizer, TokenizerError, id_layout
+from xlm_core.tokenizer import Tokenizer, write_tokenizer_dir
 
 STAGE = "tokenizer"
 CLEAN_HINT = "run `dvc repro clean`"
@@ -181,14 +181,6 @@ def _explain_spm_error(message: str, tp: TokenizerParams) -> str:
     return f"sentencepiece training failed: {message.splitlines()[0]}; check the tokenizer section of params.yaml"
 
 
-def write_vocab(model_bytes: bytes, path: Path) -> None:
-    """``spm.vocab`` as sentencepiece writes it (piece TAB score), for people reading the vocabulary."""
-    sp = spm.SentencePieceProcessor(model_proto=model_bytes)
-    with open(path, "w", encoding="utf-8") as fh:
-        for i in range(sp.get_piece_size()):
-            fh.write(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n")
-
-
 # ----------------------------------------------------------------------------------------------------------- metrics
 def measure(tok: Tokenizer, valid_path: Path, languages: list[str], threads: int) -> dict:
     """Per-language fertility, ``<unk>`` rate and vocabulary use on the valid split (streamed)."""
@@ -246,19 +238,16 @@ def train_tokenizer(params, clean_dir: str | Path = "data/clean", out_dir: str |
     tp: TokenizerParams = params.tokenizer
     clean_dir, out_dir, metrics_path = Path(clean_dir), Path(out_dir), Path(metrics_path)
     train_path, valid_path = clean_dir / "mono" / "train.parquet", clean_dir / "mono" / "valid.parquet"
-    try:
-        open_parquet(valid_path, ["lang", "text"], CLEAN_HINT)  # fail now, not after an hour of training
-        counts = count_sentences(train_path)
-        empty = [lang for lang in params.languages if counts.get(lang, 0) == 0]
-        if empty:
-            raise PipelineError(
-                f"{train_path}: no training sentences for language(s) {empty} listed in params.yaml languages; "
-                f"check the download/clean output for them (metrics/clean.json) or remove them from languages")
-        counts = {lang: counts[lang] for lang in params.languages}  # other languages are not ours to learn
-        sizes = sample_sizes(counts, tp.alpha, tp.max_sentences)
-        sample = draw_sample(train_path, sizes, counts, tp.seed)
-    except ShardError as exc:
-        raise PipelineError(str(exc)) from None
+    open_parquet(valid_path, ["lang", "text"], CLEAN_HINT)  # fail now, not after an hour of training
+    counts = count_sentences(train_path)
+    empty = [lang for lang in params.languages if counts.get(lang, 0) == 0]
+    if empty:
+        raise PipelineError(
+            f"{train_path}: no training sentences for language(s) {empty} listed in params.yaml languages; "
+            f"check the download/clean output for them (metrics/clean.json) or remove them from languages")
+    counts = {lang: counts[lang] for lang in params.languages}  # other languages are not ours to learn
+    sizes = sample_sizes(counts, tp.alpha, tp.max_sentences)
+    sample = draw_sample(train_path, sizes, counts, tp.seed)
 
     print(f"tokenizer: training {tp.model_type} sentencepiece, {tp.vocab_size} pieces, on {len(sample):,} sentences "
           f"({', '.join(f'{k} {v:,}' for k, v in sizes.items())}), {tp.threads} threads", file=sys.stderr)
@@ -268,29 +257,15 @@ def train_tokenizer(params, clean_dir: str | Path = "data/clean", out_dir: str |
     print(f"tokenizer: trained in {time.perf_counter() - started:.1f}s", file=sys.stderr)
 
     with disk_full_is_an_error(STAGE, out_dir), atomic_dir(out_dir) as tmp:
-        (tmp / SPM_MODEL).write_bytes(model_bytes)
-        write_vocab(model_bytes, tmp / SPM_VOCAB)
-        spm_pieces = spm.SentencePieceProcessor(model_proto=model_bytes).get_piece_size()
-        layout = id_layout(spm_pieces)
-        write_json(tmp / TOKENIZER_JSON, {
-            "layout": layout,
-            "vocab_size": layout["vocab_size"],
-            "spm_model": SPM_MODEL,
-            "spm_sha256": sha256_file(tmp / SPM_MODEL),
-            "training": {
-                **tp.model_dump(),
-                "languages": list(counts),
-                "train_sentences": counts,
-                "sample_sentences": sizes,
-                "normalization_rule_name": "identity",
-                "remove_extra_whitespaces": False,
-            },
+        write_tokenizer_dir(tmp, model_bytes, training={
+            **tp.model_dump(),
+            "languages": list(counts),
+            "train_sentences": counts,
+            "sample_sentences": sizes,
+            "normalization_rule_name": "identity",
+            "remove_extra_whitespaces": False,
         })
-        try:
-            tok = Tokenizer.load(tmp)
-            metrics = measure(tok, valid_path, params.languages, tp.threads)
-        except (TokenizerError, ShardError) as exc:
-            raise PipelineError(str(exc)) from None
+        metrics = measure(Tokenizer.load(tmp), valid_path, params.languages, tp.threads)
         metrics["sample_sentences"] = sizes
     write_json(metrics_path, metrics)
     return metrics

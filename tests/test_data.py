@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import project_env
-from pipeline.shard import LANG_TYPE, ShardResult, build_manifest, shard_schema
 from xlm_core.atomic import sha256_file
 from xlm_core.data import (DataError, PretrainLoader, chunk_seed, iter_eval_batches, open_split, sampling_probs)
+from xlm_core.shards import LANG_TYPE, ShardResult, build_manifest, shard_schema
 from xlm_core.special_tokens import BOS, EOS, PAD
 from xlm_core.train.trainer import seq_len_schedule
 

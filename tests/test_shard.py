@@ -13,7 +13,6 @@ import pytest
 from dvc.repo import Repo
 
 from conftest import ROOT, dvc, python_module, run, write_params
-from pipeline.errors import PipelineError
 from pipeline.params import load_params
 from pipeline.shard import make_shards
 from pipeline.tokenizer import train_tokenizer
@@ -207,7 +206,7 @@ def test_null_text_is_one_clear_error(tmp_path, built):
     texts[3] = None
     pq.write_table(table.set_column(2, "text", pa.array(texts, pa.string())), path)
     params = load_params("shard", write_params_file(tmp_path / "params.yaml", LANGS, PAIRS))
-    with pytest.raises(PipelineError, match=r"mono/valid.parquet: column 'text' has 1 null"):
+    with pytest.raises(ShardError, match=r"mono/valid.parquet: column 'text' has 1 null"):
         make_shards(params, tmp_path / "clean", root / "tokenizer", tmp_path / "shards", tmp_path / "m.json")
     assert not (tmp_path / "shards").exists()
 

@@ -1,4 +1,5 @@
-"""Read token shards (``data/shards/<split>/``) safely, and stream row ranges of any Parquet file.
+"""The token shard format (``data/shards/<split>/``), both directions: the schema, the shard writer and the manifest
+(written by the shard stage), ``ShardSet`` (read safely by everyone else); and row ranges of any Parquet file.
 
 A split folder holds ``mono-NNNNN.parquet`` / ``para-NNNNN.parquet`` and a ``manifest.json`` listing every shard with
 its sha256 and row count, the tokens per language and pair, and the sha256 of the sentencepiece model the ids come
@@ -14,14 +15,17 @@ No pandas on the hot path: rows come out as pyarrow Tables / RecordBatches.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from xlm_core.atomic import atomic_path, write_json
 from xlm_core.errors import XLMError
 
 if TYPE_CHECKING:
@@ -30,6 +34,8 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 KINDS = ("mono", "para")
+GROUP_KEY = {"mono": "languages", "para": "pairs"}   # what a kind's rows are counted by in the manifest
+LANG_TYPE = pa.dictionary(pa.int32(), pa.string())
 
 
 class ShardError(XLMError):
@@ -38,6 +44,73 @@ class ShardError(XLMError):
 
 def shard_name(kind: str, index: int) -> str:
     return f"{kind}-{index:05d}.parquet"
+
+
+# ---------------------------------------------------------------------------------------------------------- writer
+def shard_schema(kind: str, ids_type: pa.DataType) -> pa.Schema:
+    """Columns of a ``kind`` shard; ``ids_type`` is the tokenizer's ``ids_dtype`` as an Arrow type."""
+    ids = pa.list_(ids_type)
+    if kind == "mono":
+        return pa.schema([("id", pa.string()), ("lang", LANG_TYPE), ("ids", ids), ("length", pa.int32())])
+    return pa.schema([("id", pa.string()), ("src_lang", LANG_TYPE), ("tgt_lang", LANG_TYPE), ("src_ids", ids),
+                      ("tgt_ids", ids), ("src_length", pa.int32()), ("tgt_length", pa.int32())])
+
+
+@contextlib.contextmanager
+def shard_writer(path: str | Path, kind: str, ids_type: pa.DataType) -> Iterator[pq.ParquetWriter]:
+    """A writer of one ``kind`` shard at ``path`` (zstd), renamed into place once closed without an error."""
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, shard_schema(kind, ids_type), compression="zstd") as writer:
+        yield writer
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """One written shard as its manifest entry records it: plain data, so it crosses thread/process/Dask boundaries."""
+
+    split: str
+    kind: str
+    file: str
+    rows: int
+    tokens: int
+    sha256: str
+    # language (mono) or "src-tgt" pair (para) -> {"rows", "tokens"} (+ "src_tokens", "tgt_tokens" for pairs)
+    groups: dict = field(default_factory=dict)
+
+
+def merge_group_counts(into: dict[str, dict], part: dict[str, dict]) -> None:
+    """Add the per-group counts of ``part`` to ``into`` (groups: languages or pairs)."""
+    for name, counts in part.items():
+        slot = into.setdefault(name, dict.fromkeys(counts, 0))
+        for key, value in counts.items():
+            slot[key] += value
+
+
+def build_manifest(split: str, results: list[ShardResult], tok: "Tokenizer", rows_per_shard: int) -> dict:
+    """The manifest of one split from its shards' results (in file order)."""
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "split": split,
+        "tokenizer_sha256": tok.sha256,
+        "vocab_size": tok.vocab_size,
+        "ids_type": str(tok.ids_dtype),
+        "rows_per_shard": rows_per_shard,
+        # per file: which languages (mono) or pairs (para) it holds, so a loader can skip files
+        "files": [{"file": r.file, "kind": r.kind, "rows": r.rows, "tokens": r.tokens, "sha256": r.sha256,
+                   GROUP_KEY[r.kind]: sorted(r.groups)} for r in results],
+    }
+    for kind, group_key in GROUP_KEY.items():
+        of_kind = [r for r in results if r.kind == kind]
+        groups: dict[str, dict] = {}
+        for r in of_kind:
+            merge_group_counts(groups, r.groups)
+        manifest[kind] = {"files": len(of_kind), "rows": sum(r.rows for r in of_kind),
+                          "tokens": sum(r.tokens for r in of_kind)}
+        manifest[group_key] = dict(sorted(groups.items()))
+    return manifest
+
+
+def write_manifest(split_dir: str | Path, manifest: dict) -> None:
+    write_json(Path(split_dir) / MANIFEST, manifest)
 
 
 # ------------------------------------------------------------------------------------------------- Parquet streaming
@@ -150,9 +223,6 @@ class ShardSet:
     def rows(self, kind: str = "mono") -> int:
         return sum(f.rows for f in self.files(kind))
 
-    def tokens(self, kind: str = "mono") -> int:
-        return sum(f.tokens for f in self.files(kind))
-
     # ----------------------------------------------------------------------------------------------------- reading
     def read_verified(self, shard: ShardFile) -> pa.Buffer:
         """The bytes of ``shard`` after checking their sha256 against the manifest (one read from disk)."""
@@ -167,6 +237,15 @@ class ShardSet:
                              f"{shard.sha256[:12]}); the file is damaged: run `dvc checkout` or `dvc repro shard`")
         return pa.py_buffer(data)
 
+    def read_table(self, shard: ShardFile, columns: Optional[Sequence[str]] = None,
+                   filters: Optional[list[tuple]] = None) -> pa.Table:
+        """The rows of ``shard`` matching ``filters`` (only ``columns``), after checking its sha256."""
+        try:
+            return pq.read_table(pa.BufferReader(self.read_verified(shard)),
+                                 columns=list(columns) if columns is not None else None, filters=filters)
+        except (OSError, pa.ArrowException) as exc:
+            raise ShardError(f"{shard.path}: cannot read shard ({exc}); rerun `dvc repro shard`") from None
+
     def verify(self, kind: Optional[str] = None) -> int:
         """Check every shard's sha256 (of ``kind``, or all); returns the number of files checked."""
         shards = self._files if kind is None else self.files(kind)
@@ -178,8 +257,7 @@ class ShardSet:
                     columns: Optional[Sequence[str]] = None) -> Iterator[pa.Table]:
         """One verified Table per shard file, in manifest order (or of ``files``, e.g. one rank's slice)."""
         for shard in (self.files(kind) if files is None else files):
-            table = pq.read_table(pa.BufferReader(self.read_verified(shard)),
-                                  columns=list(columns) if columns is not None else None)
+            table = self.read_table(shard, columns)
             if table.num_rows != shard.rows:
                 raise ShardError(f"{shard.path}: {table.num_rows} rows, manifest says {shard.rows}; "
                                  f"run `dvc repro shard`")

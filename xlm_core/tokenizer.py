@@ -13,6 +13,9 @@ special tokens where Hugging Face's XLM-R expects them (see ``xlm_core.special_t
 
 This class is the only code that applies the mapping; everything downstream sees project ids. The mapping is one
 lookup table, applied to whole batches with numpy.
+
+The tokenizer folder (``spm.model``, ``spm.vocab``, ``tokenizer.json``) is written by ``write_tokenizer_dir`` and read
+by ``Tokenizer.load``: this module owns both directions of the format.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import numpy as np
 import sentencepiece as spm
 
 from xlm_core import special_tokens as st
-from xlm_core.atomic import sha256_file
+from xlm_core.atomic import sha256_file, write_json
 from xlm_core.errors import XLMError
 
 SPM_MODEL = "spm.model"
@@ -134,10 +137,6 @@ class Tokenizer:
         return tok
 
     # ------------------------------------------------------------------------------------------------------ encoding
-    def to_project_ids(self, spm_ids: np.ndarray) -> np.ndarray:
-        """Map sentencepiece ids to project ids (vectorised; the one place the offset is applied)."""
-        return self._to_project[spm_ids]
-
     def encode(self, text: str) -> list[int]:
         """Project ids of ``text``, without ``<s>``/``</s>`` (the data loader adds them)."""
         return self._to_project[np.asarray(self._sp.encode(text), dtype=np.int64)].tolist()
@@ -190,3 +189,26 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.model_path)!r}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
+
+
+# ------------------------------------------------------------------------------------------------------------ writer
+def write_tokenizer_dir(folder: str | Path, model_bytes: bytes, training: dict) -> None:
+    """Write a trained sentencepiece model as the folder ``Tokenizer.load`` reads: ``spm.model``, ``spm.vocab`` and
+    ``tokenizer.json`` (the id layout, the model's sha256 and ``training``, the settings and counts it came from).
+
+    ``folder`` must exist; write it inside ``xlm_core.atomic.atomic_dir`` so a reader never sees half of it.
+    """
+    folder = Path(folder)
+    (folder / SPM_MODEL).write_bytes(model_bytes)
+    sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+    with open(folder / SPM_VOCAB, "w", encoding="utf-8") as fh:   # piece TAB score, as sentencepiece writes it
+        for i in range(sp.get_piece_size()):
+            fh.write(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n")
+    layout = id_layout(sp.get_piece_size())
+    write_json(folder / TOKENIZER_JSON, {
+        "layout": layout,
+        "vocab_size": layout["vocab_size"],
+        "spm_model": SPM_MODEL,
+        "spm_sha256": sha256_file(folder / SPM_MODEL),
+        "training": training,
+    })
