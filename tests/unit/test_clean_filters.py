@@ -6,8 +6,8 @@ import pytest
 
 from pipeline.cleaning.filters import LANG_FILTERS, PAIR_FILTERS, pair_filters, segment_filters
 from pipeline.params import CleanParams
-from xlm_core.cleaning.filters import (LengthRatio, MaxChars, MinChars, NotEmpty, NotIdentical, ScriptFilter,
-                                       first_drops, pair_drop)
+from xlm_core.cleaning.filters import (LengthRatio, MaxChars, MinChars, NotEmpty, NotIdentical, PairFilter,
+                                       ScriptFilter, SegmentFilter, first_drops, pair_drop)
 
 SEGMENT_CASES = [  # filter, a text it keeps, a text it drops
     (NotEmpty(), "a", ""),
@@ -58,3 +58,23 @@ def test_the_clean_params_build_the_filters_metrics_list():
     assert pair_filters(cfg.model_copy(update={"drop_identical_pairs": False})) == (LengthRatio(2.5),)
     assert all(f.name in LANG_FILTERS for f in segment_filters(cfg, "ru"))
     assert all(f.name in PAIR_FILTERS and f.name not in LANG_FILTERS for f in pair_filters(cfg))
+
+
+class _NoDigits(SegmentFilter):
+    name = "digits"
+
+    def filter(self, text):
+        return not any(ch.isdigit() for ch in text)  # a bare False: counted under the filter's name
+
+
+class _SameLength(PairFilter):
+    name = "same_length"
+
+    def filter(self, src, tgt):
+        return len(src) != len(tgt) or (False, "same_length")
+
+
+def test_a_bare_false_counts_under_the_filter_name():
+    assert first_drops((_NoDigits(),), ["no digits", "route 66"]) == [None, "digits"]
+    assert pair_drop((_SameLength(),), "abc", "xyz") == "same_length"
+    assert pair_drop((_SameLength(),), "abc", "wxyz") is None

@@ -1,9 +1,10 @@
 """The clean stage's filters as objects, in datatrove's shape: a filter says keep (``True``) or ``(False, reason)``.
 
 A filter has a ``name``, the key its drops are counted under in metrics/clean.json's ``dropped``, and the params it
-was built with as fields. Segment filters judge one normalised text; ``filter_batch`` judges a batch at once,
-which a vectorised filter (the script check) overrides. Pair filters judge the two texts of an aligned pair. ``first_drops`` / ``pair_drop`` apply a chain in order: a text is
-dropped by the first filter that drops it, and later filters never see it.
+was built with as fields. Segment filters judge one normalised text; ``filter_batch`` judges a batch at once, which a
+vectorised filter (the script check) overrides. Pair filters judge the two texts of an aligned pair. ``first_drops``
+and ``pair_drop`` apply a chain in order: a text is dropped by the first filter that drops it, and later filters never
+see it. The stage counts the reasons.
 """
 from __future__ import annotations
 
@@ -12,7 +13,12 @@ from typing import ClassVar, Sequence, Union
 
 from xlm_core.text import ratio_length, script_fractions
 
-Verdict = Union[bool, tuple[bool, str]]  # True: keep; (False, reason): drop, counted under reason
+Verdict = Union[bool, tuple[bool, str]]  # True: keep; (False, reason): drop, counted under reason; False: under name
+
+
+def _reason(verdict: Verdict, name: str) -> str:
+    """The reason of a drop verdict: its own, or the filter's name for a bare False."""
+    return verdict[1] if isinstance(verdict, tuple) else name
 
 
 class SegmentFilter:
@@ -120,7 +126,7 @@ def first_drops(filters: Sequence[SegmentFilter], texts: list[str | None]) -> li
             if verdict is True:
                 still.append(i)
             else:
-                reasons[i] = verdict[1]
+                reasons[i] = _reason(verdict, segment_filter.name)
         alive = still
     return reasons
 
@@ -130,5 +136,5 @@ def pair_drop(filters: Sequence[PairFilter], src: str, tgt: str) -> str | None:
     for pair_filter in filters:
         verdict = pair_filter.filter(src, tgt)
         if verdict is not True:
-            return verdict[1]
+            return _reason(verdict, pair_filter.name)
     return None
