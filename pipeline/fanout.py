@@ -1,4 +1,4 @@
-"""Fan a data stage's independent units out to a thread pool or a Dask cluster (issue 7).
+"""Fan a data stage's independent units out to a thread pool, a Dask cluster or Prefect tasks (issues 7, 14).
 
 The clean and shard stages split their work into units (a raw file, a language, a pair, an output shard) that depend
 only on their inputs and write their output under the stage's scratch or staging folder. A stage hands its body to
@@ -6,34 +6,24 @@ only on their inputs and write their output under the stage's scratch or staging
 order the units finished in, so the output bytes are the same under every runner. DVC still runs the stage as one
 unit: the fan-out is internal.
 
-``<stage>.task_runner`` in params.yaml picks where units run:
+``<stage>.task_runner`` in params.yaml, and nothing else, picks where units run (never whether some Prefect server
+happens to answer, so the same ``dvc repro`` behaves the same on every machine):
 
-- ``thread`` (default): a thread pool in this process.
+- ``thread`` (default): a thread pool in this process (this thread for one worker). Prefect is not imported.
 - ``dask``: the Dask cluster whose scheduler is at ``<stage>.dask_address`` (``tcp://host:8786``), or a temporary
   local cluster (one single-threaded worker process per unit slot) when it is null. Needs the ``dask`` extra
   (``pip install -e '.[dask]'``) here and on every worker, with this project importable there. Units exchange files,
   not data: their inputs and outputs are paths under the stage's folders (passed as absolute paths), so on a
   multi-machine cluster ``data/`` must be on a filesystem every worker mounts at the same path.
-
-Prefect or not: Prefect 3 cannot run a flow without an API. Importing it costs seconds, a flow whose API does not
-answer fails, and with no API URL it starts a temporary server (more than 30 s on a 2-core machine). So the units run
-as Prefect tasks of a flow named ``xlm-<stage>`` only when a Prefect server answers: at ``PREFECT_API_URL`` when that
-is set (empty = none), else at ``[api] url`` of ./prefect.toml (this project's: the local `prefect server start`;
-values from Prefect profiles are not consulted). That is the case under ``xlm flow`` and whenever a user started a
-server to watch runs: the units then show up in the UI, on Prefect's ``ThreadPoolTaskRunner`` or prefect-dask's
-``DaskTaskRunner`` (Dask workers report their task runs to the same API, so they must reach it). Otherwise — plain
-``dvc repro`` with no server — the same units run on a ``concurrent.futures.ThreadPoolExecutor`` or directly on a
-``distributed.Client``, with nothing Prefect imported: no start-up cost, no hang, the same bytes.
+- ``prefect``: the units run as Prefect tasks (``ThreadPoolTaskRunner``) of a flow named ``xlm-<stage>``, reported to
+  the Prefect API this process is configured for (``PREFECT_API_URL``, else ./prefect.toml), which must answer.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
 import logging
-import os
 import sys
-import tomllib
-import urllib.request
 import uuid
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
@@ -41,7 +31,6 @@ from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 from pipeline.errors import PipelineError
 
 T = TypeVar("T")
-PROBE_TIMEOUT_S = 2.0      # how long a Prefect server may take to answer /health before the units run without it
 DASK_CONNECT_TIMEOUT = "20s"
 DASK_HINT = "install the dask extra here and on the workers: pip install -e '.[dask]'"
 
@@ -101,33 +90,6 @@ def _importable(fn: Callable[..., T]) -> Callable[..., T]:
     return getattr(importlib.import_module(spec.name), fn.__name__, fn)
 
 
-# ------------------------------------------------------------------------------------------------- Prefect or not
-def _configured_api_url() -> str:
-    if "PREFECT_API_URL" in os.environ:
-        return os.environ["PREFECT_API_URL"].strip()
-    try:
-        with open("prefect.toml", "rb") as fh:
-            url = tomllib.load(fh).get("api", {}).get("url", "")
-    except (OSError, tomllib.TOMLDecodeError):
-        return ""
-    return url.strip() if isinstance(url, str) else ""
-
-
-def prefect_api() -> Optional[str]:
-    """The Prefect API URL when a server answers there within PROBE_TIMEOUT_S, else None (never imports Prefect)."""
-    url = _configured_api_url()
-    if not url.startswith(("http://", "https://")):
-        return None
-    request = urllib.request.Request(url.rstrip("/") + "/health")
-    if os.environ.get("PREFECT_API_KEY"):
-        request.add_header("Authorization", f"Bearer {os.environ['PREFECT_API_KEY']}")
-    try:
-        with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S) as response:
-            return url if response.status == 200 else None
-    except (OSError, ValueError):  # refused, timed out, HTTP error, malformed URL
-        return None
-
-
 # -------------------------------------------------------------------------------------------------- the runners
 def _local_cluster_kwargs(workers: int) -> dict:
     # One single-threaded process per unit slot: units are CPU-bound Python (the GIL) or run their own threads.
@@ -163,69 +125,43 @@ def _dask_client(stage: str, address: Optional[str], workers: int) -> Iterator[A
         yield client
 
 
-def _plain_fanout(stage: str, cfg, workers: int, stack: contextlib.ExitStack) -> FanOut:
-    """Without Prefect: a thread pool (in this thread for one worker) or a distributed.Client."""
-    if cfg.task_runner == "dask":
-        client = stack.enter_context(_dask_client(stage, cfg.dask_address, workers))
+def _dask_fanout(stage: str, cfg, workers: int, stack: contextlib.ExitStack) -> FanOut:
+    client = stack.enter_context(_dask_client(stage, cfg.dask_address, workers))
 
-        def submit_dask(fn, args, kwargs, name):
-            return client.submit(fn, *args, key=f"{stage}-{name}-{uuid.uuid4().hex[:8]}", pure=False, **kwargs)
+    def submit(fn, args, kwargs, name):
+        return client.submit(fn, *args, key=f"{stage}-{name}-{uuid.uuid4().hex[:8]}", pure=False, **kwargs)
 
-        return FanOut(submit_dask, f"Dask at {cfg.dask_address}" if cfg.dask_address
-                      else f"a temporary local Dask cluster of {workers} worker process(es)")
+    return FanOut(submit, f"Dask at {cfg.dask_address}" if cfg.dask_address
+                  else f"a temporary local Dask cluster of {workers} worker process(es)")
+
+
+def _thread_fanout(stage: str, workers: int, stack: contextlib.ExitStack) -> FanOut:
     pool = InlineExecutor() if workers == 1 else stack.enter_context(ThreadPoolExecutor(workers, f"{stage}-unit"))
     return FanOut(lambda fn, args, kwargs, name: pool.submit(fn, *args, **kwargs),
                   f"a thread pool of {workers}" if workers > 1 else "this thread")
 
 
-def _prefect_task_runner(stage: str, cfg, workers: int):
-    if cfg.task_runner == "dask":
-        _import_distributed()
-        try:
-            from prefect_dask import DaskTaskRunner
-        except ImportError:
-            raise PipelineError(f"task_runner: dask needs prefect-dask ({DASK_HINT}), or set task_runner: thread "
-                                "in params.yaml") from None
-        if cfg.dask_address:
-            with _dask_client(stage, cfg.dask_address, workers):
-                pass  # the runner connects inside the flow, where a bad address would end in a traceback
-            return DaskTaskRunner(address=cfg.dask_address)
-        return DaskTaskRunner(cluster_kwargs=_local_cluster_kwargs(workers))
-    from prefect.task_runners import ThreadPoolTaskRunner
+def _run_as_prefect_flow(stage: str, workers: int, body: Callable[[FanOut], T]) -> T:
+    """``body`` as the flow ``xlm-<stage>``; each unit a task run named after it, on Prefect's thread pool."""
+    from pipeline.prefect_server import check_prefect_api
 
-    return ThreadPoolTaskRunner(max_workers=workers)
-
-
-# The bodies of the running stage flows, by flow-run key. Prefect ships the flow object and its parameters to every
-# Dask task it submits, so the flow function is module-level and takes only this key: the body (a closure over the
-# stage's state, progress bars included) never leaves this process.
-_STAGE_BODIES: dict[str, Callable[[], Any]] = {}
-
-
-def _stage_flow(body_key: str) -> Any:
-    logging.getLogger("distributed").setLevel(logging.WARNING)  # Prefect's logging setup lets its INFO through
-    return _STAGE_BODIES[body_key]()
-
-
-def _run_as_prefect_flow(stage: str, cfg, workers: int, body: Callable[[FanOut], T]) -> T:
-    """``body`` as the flow ``xlm-<stage>``; each unit a task run named after it, on the params' task runner."""
+    where = check_prefect_api(f"start one with `prefect server start` in the project folder, or set "
+                              f"{stage}.task_runner: thread in params.yaml")
     from prefect import flow, task
     from prefect.cache_policies import NO_CACHE
+    from prefect.task_runners import ThreadPoolTaskRunner
 
     def submit_task(fn, args, kwargs, name):
         unit = task(fn, name=f"{stage}.{fn.__name__}", task_run_name=name, cache_policy=NO_CACHE,
                     persist_result=False)
         return unit.submit(*args, **kwargs)
 
-    where = (f"Dask at {cfg.dask_address}" if cfg.dask_address else "a temporary local Dask cluster") \
-        if cfg.task_runner == "dask" else f"Prefect's thread pool of {workers}"
-    key = f"{stage}-{uuid.uuid4().hex}"
-    _STAGE_BODIES[key] = lambda: body(FanOut(submit_task, where))
-    try:
-        return flow(_stage_flow, name=f"xlm-{stage}", task_runner=_prefect_task_runner(stage, cfg, workers),
-                    persist_result=False, validate_parameters=False)(key)
-    finally:
-        del _STAGE_BODIES[key]
+    def stage_flow() -> T:
+        return body(FanOut(submit_task, f"Prefect's thread pool of {workers}"))
+
+    print(f"{stage}: units run as Prefect tasks of flow xlm-{stage}, {where}", file=sys.stderr, flush=True)
+    return flow(stage_flow, name=f"xlm-{stage}", task_runner=ThreadPoolTaskRunner(max_workers=workers),
+                persist_result=False, validate_parameters=False)()
 
 
 def run_stage(stage: str, cfg, body: Callable[[FanOut], T], *, workers: int,
@@ -234,18 +170,16 @@ def run_stage(stage: str, cfg, body: Callable[[FanOut], T], *, workers: int,
 
     ``cfg`` is the stage's params section (``task_runner``, ``dask_address``); ``workers`` is how many units run at
     once on a thread pool or a temporary local cluster (a given Dask cluster has its own size). ``executor``, when
-    given (tests, embedding), runs the units instead and Prefect is not used.
+    given (tests, embedding), runs the units instead of ``cfg.task_runner``.
     """
     if executor is not None:
         return body(FanOut(lambda fn, args, kwargs, name: executor.submit(fn, *args, **kwargs),
                            type(executor).__name__))
     workers = max(1, workers)
-    api = prefect_api()
-    if api is not None:
-        print(f"{stage}: units run as Prefect tasks ({cfg.task_runner} runner) of flow xlm-{stage} on {api}",
-              file=sys.stderr, flush=True)
-        return _run_as_prefect_flow(stage, cfg, workers, body)
+    if cfg.task_runner == "prefect":
+        return _run_as_prefect_flow(stage, workers, body)
     with contextlib.ExitStack() as stack:
-        fan = _plain_fanout(stage, cfg, workers, stack)
+        fan = _dask_fanout(stage, cfg, workers, stack) if cfg.task_runner == "dask" \
+            else _thread_fanout(stage, workers, stack)
         print(f"{stage}: units run on {fan.where}", file=sys.stderr, flush=True)
         return body(fan)

@@ -1,18 +1,16 @@
 """pipeline.fanout: clean and shard give the same bytes on every runner (issue 7, acceptance 6).
 
-Real components throughout: a real `distributed.LocalCluster` of two worker processes started here, real HTTP for the
-Prefect probe, real Parquet, sqlite and sentencepiece. The Prefect-backed runners need a Prefect server, which takes
-~40 s to start on two cores: those checks are @slow.
+Real components throughout: a real `distributed.LocalCluster` of two worker processes started here, real Parquet,
+sqlite and sentencepiece. `task_runner: prefect` needs a Prefect server, which takes ~40 s to start on two cores:
+that check is @slow.
 """
 from __future__ import annotations
 
-import http.server
 import json
 import random
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -77,12 +75,6 @@ def outputs(root: Path) -> dict[str, bytes]:
     files = {p.relative_to(root).as_posix(): p.read_bytes()
              for folder in ("clean", "shards") for p in sorted((root / folder).rglob("*")) if p.is_file()}
     return {**files, "clean.json": (root / "clean.json").read_bytes(), "shard.json": (root / "shard.json").read_bytes()}
-
-
-@pytest.fixture(autouse=True)
-def no_prefect_server(monkeypatch):
-    """The plain runners, whatever server the developer's prefect.toml points at (an empty URL means none)."""
-    monkeypatch.setenv("PREFECT_API_URL", "")
 
 
 @pytest.fixture(scope="module")
@@ -163,47 +155,21 @@ def test_unreachable_dask_scheduler_is_one_clear_error(tmp_path, corpus, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]   # nothing written, no scratch left
 
 
-# ------------------------------------------------------------------------------------------------ Prefect or not
+# ------------------------------------------------------------------------------------------- the runner choice
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-class _Health(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 (http.server's name)
-        self.send_response(200 if self.path == "/api/health" else 404)
-        self.end_headers()
-        self.wfile.write(b"true")
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def health_server():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/api"
-    server.shutdown()
-    server.server_close()
-
-
-def test_prefect_is_used_only_when_a_server_answers(tmp_path, monkeypatch, health_server):
-    monkeypatch.chdir(tmp_path)
-    assert fanout.prefect_api() is None                                  # PREFECT_API_URL empty: none
-    monkeypatch.delenv("PREFECT_API_URL")
-    assert fanout.prefect_api() is None                                  # unset and no prefect.toml here
-    refused = f"http://127.0.0.1:{_free_port()}/api"
-    (tmp_path / "prefect.toml").write_text(f'[api]\nurl = "{refused}"\n')
-    started = time.monotonic()
-    assert fanout.prefect_api() is None                                  # configured, nothing listening
-    assert time.monotonic() - started < 1.0                              # `dvc repro` does not wait for it
-    (tmp_path / "prefect.toml").write_text(f'[api]\nurl = "{health_server}"\n')
-    assert fanout.prefect_api() == health_server                         # prefect.toml's server answers
-    monkeypatch.setenv("PREFECT_API_URL", refused)
-    assert fanout.prefect_api() is None                                  # the environment wins over prefect.toml
+def test_prefect_runner_without_a_server_is_one_clear_error(tmp_path, monkeypatch):
+    """task_runner: prefect is an explicit choice: no server answering is an error, not a silent fallback."""
+    address = f"http://127.0.0.1:{_free_port()}/api"
+    monkeypatch.setenv("PREFECT_API_URL", address)
+    params = load_params("shard", write_params(tmp_path / "params.yaml", "prefect"))
+    with pytest.raises(PipelineError, match=rf"no Prefect server answers at {address} .*set shard\.task_runner: "
+                                            "thread in params.yaml"):
+        fanout.run_stage("shard", params.shard, lambda fan: pytest.fail("the body ran"), workers=2)
 
 
 # `python -m pipeline.clean --raw RAW`, reporting its exit code and whether Prefect was imported on the way
@@ -217,9 +183,9 @@ except SystemExit as exit:
 """
 
 
-def test_the_stage_cli_does_not_import_prefect_without_a_server(tmp_path, corpus):
-    """The default path of `python -m pipeline.clean` never pays Prefect's import (seconds) when no server answers:
-    here prefect.toml names a server that is not running, as in `dvc repro` without `prefect server start`."""
+def test_the_stage_cli_does_not_import_prefect_with_the_thread_runner(tmp_path, corpus):
+    """The default path of `python -m pipeline.clean` never pays Prefect's import (seconds), whatever prefect.toml
+    names (here a server that is not running; tests/integration/test_task_runner.py runs one)."""
     root, reference = corpus
     write_params(tmp_path / "params.yaml")
     (tmp_path / "prefect.toml").write_text(f'[api]\nurl = "http://127.0.0.1:{_free_port()}/api"\n')
@@ -262,14 +228,12 @@ def _latest_run(flow_name: str, units: int) -> tuple[str, list[str]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("runner", ["thread", "dask"])
-def test_prefect_task_runners_match_the_default_runner(tmp_path, corpus, cluster, prefect_api, monkeypatch, runner):
-    """With a Prefect server up, units are task runs of flow xlm-<stage> (ThreadPoolTaskRunner, DaskTaskRunner on
-    the test's cluster): the same bytes, and each unit visible by name through the API."""
+def test_prefect_task_runner_matches_the_default_runner(tmp_path, corpus, prefect_api, monkeypatch):
+    """With task_runner: prefect, units are task runs of flow xlm-<stage> (Prefect's ThreadPoolTaskRunner): the
+    same bytes, and each unit visible by name through the API."""
     root, reference = corpus
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)
-    address = cluster[0].scheduler_address if runner == "dask" else None
-    build(tmp_path, root / "raw", root / "tokenizer", task_runner=runner, dask_address=address)
+    build(tmp_path, root / "raw", root / "tokenizer", task_runner="prefect")
     assert outputs(tmp_path) == reference
     clean_units = sorted([f"clean_file {f}" for f in ("bible/en", "bible/fr", "bible/ru", "web/en")]
                          + [f"dedup_language {lang}" for lang in LANGS] + [f"join bible {pair}" for pair in PAIRS])

@@ -32,12 +32,13 @@ from prefect.testing.utilities import prefect_test_harness
 
 from pipeline import flow as xlm_flow
 from pipeline.errors import PipelineError
+from pipeline.stage_output import StageOutput
 from tests.conftest import ROOT, dvc, project_env, run, write_params
 
 # ---------------------------------------------------------------------------------------------- the fixture pipeline
 STAGE_SCRIPT = textwrap.dedent('''
     """Fixture stages: read params.yaml, write outputs, print the way the real stages do."""
-    import json, sys, time
+    import json, os, sys, time
     from pathlib import Path
 
     import yaml
@@ -65,11 +66,19 @@ STAGE_SCRIPT = textwrap.dedent('''
                 time.sleep(0.002)                          # ~300 carriage-return redraws of the bar
             Path("data/clean.txt").write_text("".join(line.upper() + "\\n" for line in lines))
             Path("metrics/clean.json").write_text(json.dumps({"lines": len(lines), "split": {"train": 2, "valid": 1}}))
-        elif name == "pretrain":
+        elif name == "pretrain":                           # progress records as xlm_core.train.sinks writes them
+            records = open(os.environ["XLM_PROGRESS_FILE"], "a") if "XLM_PROGRESS_FILE" in os.environ else None
+            started = time.monotonic()
             for step in range(1, p["steps"] + 1):
                 time.sleep(p["sleep_s"])
-                print(f"step {step}/{p['steps']} loss {5 / step:.4f} tokens/s {1000 + step} mfu 0.100 "
-                      f"eta {(p['steps'] - step) * p['sleep_s']:.0f}s", file=sys.stderr, flush=True)
+                print(f"step {step}/{p['steps']} loss {5 / step:.4f} tokens/s {1000 + step}", file=sys.stderr,
+                      flush=True)
+                if records:
+                    records.write(json.dumps({"kind": "train", "step": step, "total": p["steps"],
+                                              "elapsed_s": time.monotonic() - started,
+                                              "figures": {"train/loss": 5 / step, "train/tokens_per_s": 1000 + step}})
+                                  + "\\n")
+                    records.flush()
             Path("data/model.txt").write_text(f"lr={p['lr']}\\n")
             Path("metrics/pretrain.json").write_text(json.dumps({"loss": 5 / p["steps"]}))
         elif name == "evaluate":
@@ -278,7 +287,9 @@ def test_download_is_retried_with_backoff(first_run, tmp_path, monkeypatch):
 
 
 def test_cli_runs_named_stages_and_updates_the_progress_artifact_live(first_run, prefect_api, tmp_path):
-    """`xlm flow --stages pretrain --force` in a subprocess; the test polls the progress artifact while it trains."""
+    """`xlm flow --stages pretrain --force` in a subprocess; the test polls the progress artifact while it trains.
+
+    The artifact follows the records the stage appends to XLM_PROGRESS_FILE (its stderr lines carry no ETA)."""
     proj = copy_project(first_run[0], tmp_path / "proj")
     seen_before = {a.id for a in artifacts("pretrain-progress")}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.flow", "--stages", "pretrain", "--force"], cwd=proj,
@@ -295,7 +306,7 @@ def test_cli_runs_named_stages_and_updates_the_progress_artifact_live(first_run,
     assert proc.returncode == 0, output
     assert "reporting to the Prefect server at" in output
 
-    # 10 steps 0.4 s apart, written at most every 2 s: created at step 1, updated in place at step ~6 and at step 10.
+    # 10 records 0.4 s apart, written at most every 2 s: created at step 1, updated in place at step ~6 and at step 10.
     # Prefect keeps no history of updates, so the test watches the artifact while the stage trains.
     assert len({artifact_id for artifact_id, _, _ in observed}) == 1, observed     # one artifact, updated in place
     values = [value for _, value, _ in observed]
@@ -328,7 +339,7 @@ def test_unreachable_server_is_one_clear_line(template, tmp_path):
 
 def test_stage_output_splits_lines_and_throttles_carriage_return_redraws():
     logged = []
-    out = xlm_flow.StageOutput(logged.append, every_s=3600)
+    out = StageOutput(logged.append, every_s=3600)
     stream = (b"Running stage 'clean':\r\n> python stage.py clean\n"
               + b"".join(b"\rclean:  %3d%%|" % i for i in range(0, 101, 10)) + b"\n"   # tqdm: \r before each draw
               + "\rshard: 10%|\rshard: 20%|error: [shard] caf\u00e9 is not NFC\n".encode()   # glued to a bar

@@ -7,6 +7,9 @@ from pydantic import Field, model_validator
 
 from pipeline.params.base import Strict
 
+# Where a stage's units run (pipeline.fanout): chosen here only, never by probing for a Prefect server.
+TaskRunner = Literal["thread", "dask", "prefect"]
+
 # -------------------------------------------------------------------------------------------------------------- clean
 class SplitFractions(Strict):
     valid: float = Field(default=0.02, ge=0, lt=0.5)
@@ -26,7 +29,7 @@ class CleanParams(Strict):
     split: SplitFractions = SplitFractions()
     split_salt: str = "xlm-pipeline"
     batch_rows: int = Field(default=50_000, ge=100)
-    task_runner: Literal["thread", "dask"] = "thread"
+    task_runner: TaskRunner = "thread"
     dask_address: Optional[str] = None
 
     @model_validator(mode="after")
@@ -53,6 +56,6 @@ class ShardParams(Strict):
     rows_per_shard: int = Field(default=200_000, ge=100)
     batch_rows: int = Field(default=10_000, ge=100)
     threads: int = Field(default=2, ge=1)
-    task_runner: Literal["thread", "dask"] = "thread"
+    task_runner: TaskRunner = "thread"
     dask_address: Optional[str] = None
 

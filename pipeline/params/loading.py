@@ -166,7 +166,7 @@ def load_params(section: str, path: str | Path = PARAMS_FILE) -> StageParams:
     if section not in SECTIONS:
         raise ValueError(f"no schema for section {section!r}")  # a bug in the caller, not user input
     raw = read_yaml(path)
-    known = set(SECTIONS) | set(SHARED_KEYS) | set(OTHER_SECTIONS)
+    known = set(SECTIONS) | set(SHARED_KEYS)
     unknown = sorted(k for k in raw if k not in known)
     if unknown:
         raise PipelineError(
@@ -201,8 +201,3 @@ def _cross_check(section: str, validated: BaseModel, shared: Shared, path: str) 
             raise PipelineError(
                 f"{path}: languages lists {missing} but no entry of download.sources provides them; add a source "
                 f"with those languages or remove them from languages")
-
-
-# Sections other stages own; they are validated by their own stage when it starts.
-OTHER_SECTIONS: tuple[str, ...] = ("flow",)
-
