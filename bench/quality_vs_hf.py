@@ -153,7 +153,7 @@ def train_ours(args: argparse.Namespace, config: ModelConfig, loader: PretrainLo
     optimizer = adamw(decay_groups(model), args.lr)
     schedule = BudgetSchedule(args.warmup_frac, budget_s)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    masking = MaskingConfig(mask_rate=args.mask_rate)
+    masking = MaskingConfig(rate=args.mask_rate)
     row_length = budget_row_length(args.seq, args.row_start, args.row_warmup, schedule)
 
     def loss_fn(mod, batch):

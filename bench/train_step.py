@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         median = statistics.median(per_s)
         ours = candidate.startswith("ours")
         utilisation = flops_model.estimate_mfu(median, peaks[dtype] * 1e9, seq_len=args.seq,
-                                               projected_fraction=MaskingConfig().mask_rate if ours else 1.0)
+                                               projected_fraction=MaskingConfig().rate if ours else 1.0)
         rows.append({"bench": "train_step", "candidate": candidate, "dtype": dtype, "dropout": dropout,
                      "threads": threads, "tokens_per_step": tokens, "tokens_per_s": median,
                      "tokens_per_s_min": per_s[0], "tokens_per_s_max": per_s[-1],

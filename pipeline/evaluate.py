@@ -29,7 +29,7 @@ from pipeline.eval_suites import load_classification_suite, load_retrieval_suite
 from pipeline.params import StageParams, load_params
 from xlm_core.evaluation.inputs import EvalPlan, read_bitexts
 from xlm_core.evaluation.scoring import Figures, score_model, unigram_floor
-from xlm_core.metrics import default_layer
+from xlm_core.model_config import default_layer
 from xlm_core.model import ModelConfig, XLMModel
 from xlm_core.model_dir import ModelDir, load_model_dir
 from xlm_core.objectives import LanguageDiscriminator

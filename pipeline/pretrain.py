@@ -160,7 +160,7 @@ def write_model_dir(model_dir: Path, weights: dict, cfg, params: StageParams, ob
     part = lambda prefix: {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}  # noqa: E731
     adversarial = objectives.adversarial_enabled
     training = {"pretrain": identity["pretrain"], "steps": params.pretrain.steps, "valid": valid,
-                "discriminator_layer": objectives.adversarial_layer if adversarial else None,
+                "discriminator_layer": objectives.adversarial.layer if adversarial else None,
                 "discriminator_hidden": params.pretrain.adversarial.hidden if adversarial else None,
                 "train_tokens": {"languages": train_split.languages, "pairs": train_split.pairs}}
     save_model_dir(model_dir, config=cfg, state=part("model."), tokenizer_dir=tokenizer_dir,

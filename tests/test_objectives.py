@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from xlm_core.model import ModelConfig, XLMModel
 from xlm_core.objectives import (
+    AdversarialConfig,
     LanguageDiscriminator,
     MaskingConfig,
     ObjectivesConfig,
@@ -82,7 +83,7 @@ def test_masking_statistics_match_the_configured_rates():
 
 def test_other_rates_are_honoured():
     ids = big_batch()
-    cfg = MaskingConfig(mask_rate=0.3, mask_prob=0.5, random_prob=0.0)
+    cfg = MaskingConfig(rate=0.3, mask=0.5, random=0.0, keep=0.5)
     masked = mask_tokens(ids, VOCAB, cfg, torch.Generator().manual_seed(3))
     maskable = ((ids >= 4) & (ids != MASK)).sum().item()
     assert abs(len(masked.targets) / maskable - 0.3) < 0.01
@@ -115,7 +116,7 @@ def test_frequency_smoothing_favours_rare_tokens():
     assert weights[[BOS, PAD, EOS, UNK, MASK]].sum() == 0
     assert weights[rare] / weights[frequent] == pytest.approx(100.0)
     ids = torch.tensor([[frequent, rare] * 500] * 40)
-    cfg = MaskingConfig(frequency_smoothing=0.5)
+    cfg = MaskingConfig(smoothing=0.5)
     masked = mask_tokens(ids, VOCAB, cfg, torch.Generator().manual_seed(0), target_weights=weights)
     rare_share = (masked.targets == rare).float().mean().item()
     assert rare_share > 0.9  # uniform choice would give 0.5
@@ -124,10 +125,10 @@ def test_frequency_smoothing_favours_rare_tokens():
 
 
 def test_masking_errors():
-    with pytest.raises(ValueError, match="mask_prob \\+ random_prob"):
-        MaskingConfig(mask_prob=0.8, random_prob=0.3)
-    with pytest.raises(ValueError, match="mask_rate"):
-        MaskingConfig(mask_rate=1.5)
+    with pytest.raises(ValueError, match="mask \\+ random \\+ keep"):
+        MaskingConfig(mask=0.8, random=0.3)
+    with pytest.raises(ValueError, match="rate"):
+        MaskingConfig(rate=1.5)
     with pytest.raises(ValueError, match="no maskable token"):
         mask_tokens(torch.tensor([[BOS, EOS, PAD]]), VOCAB, MaskingConfig(), torch.Generator())
 
@@ -282,7 +283,7 @@ def test_adversary_off_costs_nothing(weight, lam):
     discriminator = LanguageDiscriminator(64, 2)
     calls = []
     discriminator.register_forward_hook(lambda *args: calls.append(1))
-    cfg = ObjectivesConfig(adversarial_weight=weight, adversarial_lambda=lam)
+    cfg = ObjectivesConfig(adversarial=AdversarialConfig(weight=weight, lambda_max=lam))
     batch = build_mono_batch(sentences(4), [0, 1, 0, 1], max_len=32)
     _, logs = total_loss(model, {"mlm": batch}, cfg, torch.Generator().manual_seed(0), discriminator=discriminator)
     assert calls == [] and model.asked_layers == [None]
@@ -293,8 +294,8 @@ def test_total_loss_is_the_weighted_sum():
     torch.manual_seed(0)
     model = XLMModel(tiny(n_languages=2, use_lang_emb=True))
     discriminator = LanguageDiscriminator(64, 2, hidden=16)
-    cfg = ObjectivesConfig(mlm_weight=1.0, tlm_weight=0.5, clm_weight=0.25, adversarial_weight=0.1,
-                           adversarial_lambda=1.0, adversarial_warmup_steps=100, adversarial_layer=1)
+    cfg = ObjectivesConfig(mlm_weight=1.0, tlm_weight=0.5, clm_weight=0.25,
+                           adversarial=AdversarialConfig(weight=0.1, lambda_max=1.0, warmup_steps=100, layer=1))
     batches = {
         "mlm": build_mono_batch(sentences(4), [0, 1, 0, 1], max_len=32),
         "tlm": build_tlm_batch(sentences(4, seed=1), sentences(4, seed=2), 0, 1, max_len=40),
@@ -313,7 +314,7 @@ def test_total_loss_is_the_weighted_sum():
 
 
 def test_objectives_config_validation_and_round_trip():
-    cfg = ObjectivesConfig(tlm_weight=1.0, masking=MaskingConfig(mask_rate=0.2))
+    cfg = ObjectivesConfig(tlm_weight=1.0, masking=MaskingConfig(rate=0.2))
     assert ObjectivesConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="tlm_weight"):
         ObjectivesConfig(tlm_weight=-1.0)
@@ -323,6 +324,6 @@ def test_objectives_config_validation_and_round_trip():
         ObjectivesConfig.from_dict({"mlm": 1.0})
     with pytest.raises(ValueError, match="discriminator"):
         total_loss(XLMModel(tiny()), {"mlm": build_mono_batch(sentences(2), [0, 1], 32)},
-                   ObjectivesConfig(adversarial_weight=1.0), torch.Generator())
+                   ObjectivesConfig(adversarial=AdversarialConfig(weight=1.0)), torch.Generator())
     with pytest.raises(ValueError, match="unknown batch kind"):
         total_loss(XLMModel(tiny()), {"mono": {}}, ObjectivesConfig(), torch.Generator())

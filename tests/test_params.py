@@ -44,6 +44,22 @@ def test_the_shipped_params_validate_for_every_stage():
      "seq_len_warmup.start = 24: seq_len (128) / start must be a power of two (e.g. start 16 or 32)"),
     (lambda d: d["pretrain"].update(mode="sentence", token_budget=512), "pretrain",
      "seq_len_warmup needs mode: stream"),
+    # pretrain.model / masking / adversarial are the library's dataclasses: their rules, reported at the key
+    (lambda d: d["pretrain"]["masking"].update(smoothing=0.5), "pretrain",
+     "pretrain.masking.smoothing = 0.5: frequency-smoothed targets are not available in pretraining"),
+    (lambda d: d["pretrain"]["masking"].update(rate=1.5), "pretrain", "pretrain.masking.rate = 1.5: must be in (0, 1)"),
+    (lambda d: d["pretrain"]["masking"].update(kept=0.1), "pretrain",
+     "unknown key 'pretrain.masking.kept'; allowed keys: keep, mask, random, rate, smoothing"),
+    (lambda d: d["pretrain"]["model"].update(d_model=130), "pretrain",
+     "pretrain.model.d_model = 130: must be divisible by n_heads = 4"),
+    (lambda d: d["pretrain"]["model"].update(positions="rotary"), "pretrain",
+     "pretrain.model.positions = 'rotary': Input should be 'learned' or 'sinusoidal'"),
+    (lambda d: d["pretrain"]["adversarial"].update(lambda_max=float("inf")), "pretrain",
+     "pretrain.adversarial.lambda_max = inf: must be a finite number >= 0"),
+    (lambda d: d["pretrain"].update(objectives={"mlm": float("inf")}), "pretrain",
+     "pretrain.objectives.mlm = inf: an objective's weight must be a finite number >= 0"),
+    (lambda d: d["pretrain"].update(objectives={"mlm": 0.0, "tlm": 0.0}), "pretrain",
+     "pretrain.objectives = {'mlm': 0.0, 'tlm': 0.0}: at least one of mlm, tlm, clm needs a weight > 0"),
 ])
 def test_errors_name_key_value_and_what_is_allowed(tmp_path, mutate, section, expected):
     with pytest.raises(PipelineError) as info:

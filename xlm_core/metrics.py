@@ -75,7 +75,7 @@ class Counter:
 
 def eval_masking(mask_rate: float) -> MaskingConfig:
     """Test-time masking: every target becomes <mask> (no random/kept tokens, whose easy hits would inflate accuracy)."""
-    return MaskingConfig(mask_rate=mask_rate, mask_prob=1.0, random_prob=0.0)
+    return MaskingConfig(rate=mask_rate, mask=1.0, random=0.0, keep=0.0)
 
 
 def _forward_inputs(batch: EvalBatch, device: torch.device) -> dict[str, torch.Tensor]:
@@ -157,11 +157,6 @@ def causal_lm_score(model: XLMModel, batches: Iterable[EvalBatch], device: torch
 
 
 # ---------------------------------------------------------------------------------------------- sentence embeddings
-def default_layer(n_layers: int) -> int:
-    """The middle layer (as the adversarial loss reads by default); layer 1 for one- and two-layer models."""
-    return max(1, n_layers // 2)
-
-
 def _hidden_at(model: XLMModel, input_ids: torch.Tensor, lang_ids: Optional[torch.Tensor],
                attention_mask: Optional[torch.Tensor], layer: int) -> torch.Tensor:
     """Hidden states after block ``layer``, running only the blocks below it (half the work for the middle layer)."""

@@ -14,102 +14,14 @@ The model knows nothing of data parallelism, compilation or the pipeline: those 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from xlm_core.special_tokens import FIRST_PIECE, PAD
-
-POSITION_KINDS = ("learned", "sinusoidal")
-
-# Architecture presets. `base` and `large` are XLM-R base/large (max_positions 512 = HF's 514 minus the 2-row offset).
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(n_layers=2, d_model=64, n_heads=2, d_ff=256, max_positions=128),
-    "small": dict(n_layers=4, d_model=256, n_heads=4, d_ff=1024, max_positions=512),
-    "base": dict(n_layers=12, d_model=768, n_heads=12, d_ff=3072, max_positions=512),
-    "large": dict(n_layers=24, d_model=1024, n_heads=16, d_ff=4096, max_positions=512),
-}
-
-
-# ----------------------------------------------------------------------------------------------------------- config
-@dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int
-    n_layers: int = 4
-    d_model: int = 256
-    n_heads: int = 4
-    d_ff: int = 1024
-    max_positions: int = 512
-    dropout: float = 0.1             # XLM-R's value; it costs ~11 % of a CPU step in RNG alone
-    attention_dropout: float = 0.1   # > 0 rules out the flash SDPA kernel
-    n_languages: int = 1
-    use_lang_emb: bool = False       # XLM used language embeddings, XLM-R dropped them
-    causal: bool = False             # default attention for forward(); CLM can also ask per call
-    pre_ln: bool = False             # pre-LN trains more stably but cannot be exported to XLM-R
-    positions: str = "learned"       # or "sinusoidal" (a fixed table, added)
-    layer_norm_eps: float = 1e-5
-    pad_id: int = PAD
-    init_std: float = 0.02
-
-    def __post_init__(self) -> None:
-        self._validate()
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
-        """A named architecture (tiny, small, base, large) with any field overridden, e.g. vocab_size."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"ModelConfig: unknown field(s) {unknown}; allowed: {', '.join(sorted(known))}")
-        if "vocab_size" not in data:
-            raise ValueError("ModelConfig: missing field 'vocab_size'")
-        return cls(**data)
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    def _validate(self) -> None:
-        def fail(name: str, why: str) -> None:
-            raise ValueError(f"ModelConfig.{name} = {getattr(self, name)!r}: {why}")
-
-        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "max_positions", "n_languages", "pad_id"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                fail(name, "must be an integer")
-            if name != "pad_id" and value < 1:
-                fail(name, "must be >= 1")
-        for name in ("use_lang_emb", "causal", "pre_ln"):
-            if not isinstance(getattr(self, name), bool):
-                fail(name, "must be true or false")
-        for name in ("dropout", "attention_dropout"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
-                fail(name, "must be a probability in [0, 1)")
-        for name in ("layer_norm_eps", "init_std"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                fail(name, "must be a number > 0")
-        if self.vocab_size < FIRST_PIECE + 1:
-            fail("vocab_size", f"must be >= {FIRST_PIECE + 1} (<s>, <pad>, </s>, <unk> and <mask> are ids already)")
-        if self.d_model % self.n_heads:
-            fail("d_model", f"must be divisible by n_heads = {self.n_heads} (each head gets d_model / n_heads dims)")
-        if self.positions not in POSITION_KINDS:
-            fail("positions", f"must be one of {', '.join(POSITION_KINDS)}")
-        if not 0 <= self.pad_id < self.vocab_size:
-            fail("pad_id", f"must be an id in [0, vocab_size = {self.vocab_size})")
+# The config lives in a torch-free module (params.yaml's schema uses it); importable from here beside the model.
+from xlm_core.model_config import PRESETS, ModelConfig  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------------------- layers

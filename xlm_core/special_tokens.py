@@ -15,7 +15,3 @@ N_SPECIAL_LOW = 4        # ids below FIRST_PIECE are special
 def mask_id(vocab_size: int) -> int:
     """``<mask>`` is the last id of the vocabulary (N + 1 for a sentencepiece model of size N)."""
     return vocab_size - 1
-
-
-def is_special(token_id: int, vocab_size: int) -> bool:
-    return token_id < FIRST_PIECE or token_id == vocab_size - 1

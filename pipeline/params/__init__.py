@@ -8,12 +8,11 @@ worst kind of bug in a pipeline that costs GPU-days.
 from pipeline.params.data import CleanParams, ShardParams, SplitFractions, TokenizerParams
 from pipeline.params.evaluate import ClassificationSuite, EvaluateParams, ExportParams, ProbeParams, RetrievalSuite
 from pipeline.params.loading import PARAMS_FILE, SECTIONS, SHARED_KEYS, Shared, StageParams, load_params, read_yaml
-from pipeline.params.pretrain import (AdversarialParams, EmbeddingsParams, MaskingParams, ModelParams,
-                                      OptimizerParams, PretrainParams, SeqLenWarmupParams)
+from pipeline.params.pretrain import EmbeddingsParams, OptimizerParams, PretrainParams, SeqLenWarmupParams
 from pipeline.params.sources import DownloadParams, LocalSource, PypiSource, Source, UrlSource
 
-__all__ = ["AdversarialParams", "ClassificationSuite", "CleanParams", "DownloadParams", "EmbeddingsParams",
-           "EvaluateParams", "ExportParams", "LocalSource", "MaskingParams", "ModelParams", "OptimizerParams",
+__all__ = ["ClassificationSuite", "CleanParams", "DownloadParams", "EmbeddingsParams",
+           "EvaluateParams", "ExportParams", "LocalSource", "OptimizerParams",
            "PARAMS_FILE", "PretrainParams", "ProbeParams", "PypiSource", "RetrievalSuite", "SECTIONS", "SHARED_KEYS",
            "SeqLenWarmupParams", "ShardParams", "Shared", "Source", "SplitFractions", "StageParams", "TokenizerParams",
            "UrlSource", "load_params", "read_yaml"]

@@ -1,6 +1,7 @@
 """Reading params.yaml: the shared keys, one section validated by its schema, problems as one line."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ PARAMS_FILE = "params.yaml"
 
 # --------------------------------------------------------------------------------------------------------------- root
 _PAIR = re.compile(r"^([a-z]{2,3})-([a-z]{2,3})$")
+_NAMED_RULE = re.compile(r"^(?:[A-Z]\w*\.)?(?P<key>[a-z_][\w.]*) = (?P<rest>.*)$", re.S)
 
 SECTIONS: dict[str, type[BaseModel]] = {
     "download": DownloadParams,
@@ -94,7 +96,7 @@ def _describe(exc: ValidationError, prefix: str, model: type[BaseModel], path: s
     err = exc.errors(include_url=False)[0]
     where = _format_loc(prefix, err["loc"])
     value = err.get("input")
-    if err["type"] == "extra_forbidden":
+    if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # the latter: a library dataclass
         parent = err["loc"][:-1]
         allowed = _allowed_keys(model, parent)
         hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
@@ -108,6 +110,12 @@ def _describe(exc: ValidationError, prefix: str, model: type[BaseModel], path: s
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
+        # A rule of a section or library dataclass that names its key ("[Config.]key = value: why") is reported
+        # at that key, not at the whole mapping.
+        named = _NAMED_RULE.match(msg)
+        if named:
+            key = f"{where}.{named['key']}" if where else named["key"]
+            return f"{path}: {key} = {named['rest']}"
     shown = repr(value) if not isinstance(value, (dict, list)) else _short(value)
     return f"{path}: {where} = {shown}: {msg}"
 
@@ -123,7 +131,7 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     for item in loc:
         if isinstance(item, int) or current is None:
             continue
-        fields = getattr(current, "model_fields", None)
+        fields = _fields_of(current)
         if fields is None:
             return []
         if item in ("url", "local", "pypi") and item not in fields:
@@ -131,13 +139,22 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
             continue
         if item not in fields:
             return []
-        current = _model_of(fields[item].annotation)
-    fields = getattr(current, "model_fields", None)
+        current = _model_of(fields[item])
+    fields = _fields_of(current)
     return sorted(fields) if fields else []
 
 
+def _fields_of(schema: Any) -> dict[str, Any] | None:
+    """Field name -> annotation of a pydantic model or of a library dataclass used as a schema."""
+    if isinstance(schema, type) and issubclass(schema, BaseModel):
+        return {name: f.annotation for name, f in schema.model_fields.items()}
+    if dataclasses.is_dataclass(schema):
+        return {f.name: f.type for f in dataclasses.fields(schema)}
+    return None
+
+
 def _model_of(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+    if isinstance(annotation, type) and (issubclass(annotation, BaseModel) or dataclasses.is_dataclass(annotation)):
         return annotation
     for arg in getattr(annotation, "__args__", ()) or ():
         found = _model_of(arg)

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from xlm_core.model import ModelConfig, XLMModel
-from xlm_core.objectives import ObjectivesConfig
+from xlm_core.objectives import AdversarialConfig, ObjectivesConfig
 from xlm_core.train import parallelize
 from xlm_core.train.task import PretrainTask
 from xlm_core.train.trainer import Trainer, lr_multiplier
@@ -46,7 +46,7 @@ def _train(rank: int, parallel: str, port: int, out: str) -> None:
     try:
         torch.manual_seed(0)
         cfg = ModelConfig.preset("tiny", vocab_size=100, n_languages=2, dropout=0.0, attention_dropout=0.0)
-        objectives = ObjectivesConfig(adversarial_weight=0.1, adversarial_layer=1)
+        objectives = ObjectivesConfig(adversarial=AdversarialConfig(weight=0.1, warmup_steps=0, layer=1))
         task = PretrainTask(XLMModel(cfg), objectives, ["en", "fr"], adversarial_hidden=16)
         parallelize.broadcast_from_rank0(task)
         module = parallelize.wrap(task, parallel, torch.device("cpu"), WORLD)
