@@ -89,6 +89,21 @@ def test_stage_cli_prints_one_error_line_and_exits_2(tmp_path):
         "unable to parse string as an integer"]
 
 
+def test_pretrain_refuses_masking_smoothing_in_one_line(tmp_path):
+    # the library can weight targets by piece frequency, but the stage has no per-piece counts to weight them with
+    data = copy.deepcopy(BASE)
+    data["pretrain"]["masking"]["smoothing"] = 0.5
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.pretrain", "--params", str(tmp_path / "params.yaml"),
+                           "--out", str(tmp_path / "model")],
+                          capture_output=True, text=True, env=project_env(), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: [pretrain] {tmp_path / 'params.yaml'}: pretrain.masking.smoothing = 0.5: frequency-smoothed "
+        "targets are not available in pretraining (the shards carry no per-piece counts); set it to 0"]
+    assert not (tmp_path / "model").exists()
+
+
 NESTED_BARS_THEN_FAIL = """
 import sys
 from tqdm import tqdm
