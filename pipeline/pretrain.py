@@ -62,9 +62,6 @@ def pretrain(params: StageParams, shards_dir: Path, tokenizer_dir: Path, checkpo
     if p.seq_len > cfg.max_positions:
         raise PipelineError(f"params.yaml: pretrain.seq_len = {p.seq_len} exceeds the model's max_positions = "
                             f"{cfg.max_positions} (preset {p.model.preset}); lower seq_len")
-    if p.batch_size % (world * p.accum_steps):
-        raise PipelineError(f"params.yaml: pretrain.batch_size = {p.batch_size} is not divisible by nproc × "
-                            f"accum_steps = {world} × {p.accum_steps}; change one of them")
     pairs = ["-".join(pair) for pair in params.pairs]
     loader = PretrainLoader(shards_dir / "train", params.languages, pairs, dict(p.objectives), p.alpha, p.seq_len,
                             p.batch_size, mode=p.mode, seed=p.seed, rank=rank, world_size=world,

@@ -130,7 +130,8 @@ class PretrainLoader:
             raise DataError(f"rank {self.rank} is outside world_size {self.world_size}")
         if self.mode == "stream" and (self.batch_size < self.n_chunks or self.batch_size % self.n_chunks):
             raise DataError(f"batch_size {self.batch_size} must be a multiple of world_size x accum_steps "
-                            f"({self.world_size} x {self.accum_steps} = {self.n_chunks})")
+                            f"({self.world_size} x {self.accum_steps} = {self.n_chunks}); change pretrain.batch_size, "
+                            f"nproc or accum_steps")
         if self.mode == "sentence":
             need = self.n_chunks * self.seq_len
             if self.token_budget is None or self.token_budget < need:

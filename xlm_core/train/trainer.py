@@ -15,7 +15,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+
 from xlm_core.errors import XLMError
+from xlm_core.settings import seq_len_doublings
 from xlm_core.train.parallelize import gradient_sync
 
 
@@ -60,9 +62,7 @@ def seq_len_schedule(seq_len: int, start: int, warmup_steps: int) -> Callable[[i
     """
     if warmup_steps <= 0 or start >= seq_len:
         return lambda step: seq_len
-    doublings = round(math.log2(seq_len / start))
-    if start << doublings != seq_len:
-        raise ValueError(f"seq_len {seq_len} / start {start} must be a power of two")
+    doublings = seq_len_doublings(seq_len, start)
 
     def length(step: int) -> int:
         if step >= warmup_steps:
