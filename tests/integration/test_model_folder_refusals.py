@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import python_module, run
+from tests.helpers.project import python_module, run
 from test_evaluate import build_run, set_section
 
 from pipeline.params import load_params

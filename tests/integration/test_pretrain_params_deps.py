@@ -9,7 +9,8 @@ import json
 
 import yaml
 
-from conftest import ROOT, dvc, load_fault_trials, set_dotted
+from tests.helpers import fault_trials
+from tests.helpers.project import ROOT, dvc, set_dotted
 from pipeline.params import PretrainParams
 from pipeline.pretrain_settings import RUNTIME_KEYS
 
@@ -31,7 +32,7 @@ def test_dvc_lists_every_pretrain_key_but_the_runtime_ones():
 
 
 def test_a_log_every_edit_reruns_nothing_and_an_lr_edit_reruns_pretrain(tmp_path):
-    proj = load_fault_trials().make_project(tmp_path / "proj", steps=4)
+    proj = fault_trials.make_project(tmp_path / "proj", steps=4)
     dvc(proj, "repro", "pretrain")
     assert not _pretrain_changed(proj)
 

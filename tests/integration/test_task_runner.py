@@ -2,7 +2,7 @@
 Prefect server happens to answer.
 
 Real `dvc repro` of the clean stage in a temporary DVC project, with a real Prefect server (a subprocess on
-127.0.0.1, the same harness tests/test_flow.py uses) that the project's prefect.toml points at, as `prefect server
+127.0.0.1, the same harness tests/integration/test_flow.py uses) that the project's prefect.toml points at, as `prefect server
 start` on 127.0.0.1:4200 would be for a user. With task_runner thread, the run while that server listens writes the
 bytes and the "units run on ..." lines of the run where nothing listens, and the server hears nothing. With
 task_runner prefect, the units are task runs of flow xlm-clean on that server.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import project_env, run
+from tests.helpers.project import project_env, run
 from test_clean import bible, write_params_file, write_source
 
 DVC_YAML = {"stages": {"clean": {
@@ -32,14 +32,6 @@ CLEAN_UNITS = sorted([f"clean_file bible/{lang}" for lang in ("en", "fr", "ru")]
                      + [f"join bible {pair}" for pair in ("en-fr", "en-ru")])
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    """A real temporary Prefect server (subprocess, 127.0.0.1, its own database); yields its API URL."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +102,9 @@ def completed_task_runs(flow_run_id, expected: int) -> list[str]:
             time.sleep(0.5)
 
 
-def test_a_listening_prefect_server_changes_nothing_with_the_thread_runner(template, prefect_server, tmp_path):
+def test_a_listening_prefect_api_changes_nothing_with_the_thread_runner(template, prefect_api, tmp_path):
     quiet, quiet_output = dvc_repro(template, tmp_path / "no-server", f"http://127.0.0.1:{free_port()}/api")
-    listening, listening_output = dvc_repro(template, tmp_path / "server-listening", prefect_server)
+    listening, listening_output = dvc_repro(template, tmp_path / "server-listening", prefect_api)
 
     assert outputs(listening) == outputs(quiet)
     assert (listening / "dvc.lock").read_bytes() == (quiet / "dvc.lock").read_bytes()
@@ -124,13 +116,13 @@ def test_a_listening_prefect_server_changes_nothing_with_the_thread_runner(templ
     assert clean_flow_runs() == []                    # the server never heard of the stage
 
 
-def test_the_prefect_runner_runs_the_units_as_prefect_tasks(template, prefect_server, tmp_path):
+def test_the_prefect_runner_runs_the_units_as_prefect_tasks(template, prefect_api, tmp_path):
     reference, _ = dvc_repro(template, tmp_path / "thread", f"http://127.0.0.1:{free_port()}/api")
-    proj, output = dvc_repro(template, tmp_path / "prefect", prefect_server, task_runner="prefect")
+    proj, output = dvc_repro(template, tmp_path / "prefect", prefect_api, task_runner="prefect")
 
     assert outputs(proj) == outputs(reference)
     assert how_units_ran(output) == [f"clean: units run as Prefect tasks of flow xlm-clean, reporting to the Prefect "
-                                     f"server at {prefect_server} (UI: {prefect_server.removesuffix('/api')})"]
+                                     f"server at {prefect_api} (UI: {prefect_api.removesuffix('/api')})"]
     flow_run, = clean_flow_runs()
     assert flow_run.state.is_completed(), flow_run.state
     assert completed_task_runs(flow_run.id, len(CLEAN_UNITS)) == CLEAN_UNITS

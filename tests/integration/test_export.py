@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, dvc, project_env, python_module, run
+from tests.helpers.project import ROOT, dvc, project_env, python_module, run
 from test_evaluate import LANGS, build_run, set_section
 from test_tokenizer import write_clean, write_params_file
 

@@ -3,18 +3,18 @@
 The default suite (CI) runs four trials: `dvc repro shard` killed inside the shard stage (the project built up to
 `tokenizer` beforehand), and three over every stage through the script's command line with a 20-step pretrain.
 `python bench/fault_trials.py --trials 50` runs as many as you like. Pretrain's resume after a kill is also in
-tests/test_pretrain.py::test_exact_resume_after_sigkill and
-tests/faults/test_stage_faults.py::test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one.
+tests/integration/test_pretrain.py::test_exact_resume_after_sigkill and
+tests/integration/faults/test_stage_faults.py::test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one.
 """
 from __future__ import annotations
 
 import io
 import sys
 
-from conftest import ROOT, load_fault_trials, project_env, run
+from tests.helpers import fault_trials
+from tests.helpers.project import ROOT, project_env, run
 
 
-fault_trials = load_fault_trials()
 
 
 # Where the kill lands depends on the machine's speed; a kill while DVC itself rewrites dvc.lock (it writes it in

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import dvc, project_env, python_module, run, write_params
+from tests.helpers.project import dvc, project_env, python_module, run, write_params
 from pipeline.clean import clean
 from pipeline.errors import PipelineError
 from pipeline.params import load_params

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import XLMRobertaConfig, XLMRobertaForCausalLM, XLMRobertaForMaskedLM
 
-from tests.conftest import ROOT, project_env
+from tests.helpers.project import ROOT, project_env
 from xlm_core.hf import from_hf, hf_config, to_hf
 from xlm_core.model import ModelConfig, XLMModel
 from xlm_core.special_tokens import PAD

@@ -1,6 +1,6 @@
 """A full disk in any stage: one line, the earlier outputs intact, and a rerun that ends where a clean run would.
 
-The project is bench/fault_trials.py's small default-shaped one, run once to the end with `dvc repro`. Each case
+The project is tests/helpers/fault_trials.py's small default-shaped one, run once to the end with `dvc repro`. Each case
 copies it and reruns one stage, as dvc.yaml runs it, under a file-size limit (RLIMIT_FSIZE, half the stage's largest
 output file: the write fails with EFBIG, as it would with ENOSPC on a full disk), then again without the limit.
 The shard and checkpoint writes also have their own tests in test_stage_faults.py (resume from the newest
@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import load_fault_trials, run
-from fault_helpers import assert_one_error_line, leftovers, run_module
+from tests.helpers import fault_trials
+from tests.helpers.project import run
+from tests.helpers.faults import assert_one_error_line, leftovers, run_module
 
-fault_trials = load_fault_trials()
 
 
 @pytest.fixture(scope="module")

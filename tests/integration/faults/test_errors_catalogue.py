@@ -6,7 +6,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from conftest import ROOT
+from tests.helpers.project import ROOT
 
 CATALOGUE = ROOT / "docs" / "errors.md"
 TEST_REF = re.compile(r"`(tests/[\w/]+\.py)::(test_\w+)`")
@@ -65,7 +65,8 @@ def test_every_fault_test_is_in_the_catalogue():
                     "test_every_torch_load_is_weights_only", "test_no_pickle_in_the_library",
                     "test_subprocesses_get_argument_lists_never_a_shell",
                     "test_archives_are_never_extracted_by_member_name"}   # about the code, not a user's failure
-    for path in sorted((ROOT / "tests" / "faults").glob("test_*.py")):
+    fault_tests = [*(ROOT / "tests" / "integration" / "faults").glob("test_*.py"), ROOT / "tests" / "e2e" / "test_kill_trials.py"]
+    for path in sorted(fault_tests):
         if path.name == Path(__file__).name:
             continue
         tests = {name for name in functions_in(str(path.relative_to(ROOT))) if name.startswith("test_")}

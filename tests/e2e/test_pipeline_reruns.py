@@ -10,7 +10,8 @@ import json
 
 import yaml
 
-from conftest import dvc, load_fault_trials, set_dotted
+from tests.helpers import fault_trials
+from tests.helpers.project import dvc, set_dotted
 
 
 def _ran(out: str) -> list[str]:
@@ -28,7 +29,6 @@ def _edit(proj, section: str, key: str, value) -> None:
 
 
 def test_default_pipeline_end_to_end_and_what_an_edit_reruns(tmp_path):
-    fault_trials = load_fault_trials()
     proj = fault_trials.make_project(tmp_path / "proj", steps=10)
     stages = list(yaml.safe_load((proj / "dvc.yaml").read_text())["stages"])
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import project_env
+from tests.helpers.project import project_env
 from pipeline import fanout
 from pipeline.clean import clean
 from pipeline.errors import PipelineError
@@ -199,13 +199,6 @@ def test_the_stage_cli_does_not_import_prefect_with_the_thread_runner(tmp_path, 
 
 
 # ----------------------------------------------------------------------------------------- Prefect task runners
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
 
 
 def _latest_run(flow_name: str, units: int) -> tuple[str, list[str]]:

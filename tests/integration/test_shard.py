@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from dvc.repo import Repo
 
-from conftest import ROOT, dvc, python_module, run, write_params
+from tests.helpers.project import ROOT, dvc, python_module, run, write_params
 from pipeline.params import load_params
 from pipeline.shard import make_shards
 from pipeline.tokenizer import train_tokenizer

@@ -13,7 +13,7 @@ import pytest
 import sentencepiece as spm
 import yaml
 
-from conftest import ROOT, python_module, run
+from tests.helpers.project import ROOT, python_module, run
 from pipeline.params import load_params
 from pipeline.tokenizer import choose_ordinals, sample_sizes, train_tokenizer
 from xlm_core import special_tokens as st

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, project_env, run, write_params
-from fault_helpers import (assert_one_error_line, build_corpus, leftovers, pretrain_args, run_module, tree_digest,
+from tests.helpers.project import ROOT, project_env, run, write_params
+from tests.helpers.faults import (assert_one_error_line, build_corpus, leftovers, pretrain_args, run_module, tree_digest,
                            write_pretrain_params)
 from xlm_core.train import checkpoint as ckpt
 
@@ -231,7 +231,7 @@ def test_export_killed_half_way_keeps_the_previous_folder_and_reruns(trained, tm
 
 # ------------------------------------------------------------------------------------------------------------ flow
 def test_dvc_repro_does_not_need_the_prefect_server(dvc_project):
-    """`xlm flow` says "no Prefect server answers at URL" (tests/test_flow.py); plain `dvc repro` never asks."""
+    """`xlm flow` says "no Prefect server answers at URL" (tests/integration/test_flow.py); plain `dvc repro` never asks."""
     proj = dvc_project
     (proj / "en.txt").write_text("".join(f"a sentence number {i}\n" for i in range(50)))
 

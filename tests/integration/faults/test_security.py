@@ -6,7 +6,7 @@
   no ``np.load(allow_pickle=True)``, ``pd.read_pickle``, unsafe ``yaml.load``, ``eval``/``exec``;
 - subprocesses get argument lists: never ``shell=True``, ``os.system`` or ``os.popen``, anywhere in the repository;
 - archives are never extracted by member name (no ``extractall``/``extract``): members are read as streams after
-  every name was checked (see tests/test_download.py and test_download_faults.py for the refusals themselves).
+  every name was checked (see tests/integration/test_download.py and test_download_faults.py for the refusals themselves).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from tests.helpers.project import ROOT
 from xlm_core.train import checkpoint as ckpt
 from xlm_core.atomic import sha256_file
 

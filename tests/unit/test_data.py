@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import project_env
+from tests.helpers.project import project_env
 from xlm_core.atomic import sha256_file
 from xlm_core.data import (DataError, PretrainLoader, chunk_seed, iter_eval_batches, open_split, sampling_probs)
 from xlm_core.shards import LANG_TYPE, ShardResult, build_manifest, shard_schema

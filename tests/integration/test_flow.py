@@ -27,13 +27,11 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.sorting import FlowRunSort, LogSort
 from prefect.logging.handlers import APILogHandler
-from prefect.settings import PREFECT_API_URL
-from prefect.testing.utilities import prefect_test_harness
 
 from pipeline import flow as xlm_flow
 from pipeline.errors import PipelineError
 from pipeline.stage_output import StageOutput
-from tests.conftest import ROOT, dvc, project_env, run, write_params
+from tests.helpers.project import ROOT, dvc, project_env, run, write_params
 
 # ---------------------------------------------------------------------------------------------- the fixture pipeline
 STAGE_SCRIPT = textwrap.dedent('''
@@ -134,11 +132,6 @@ PARAMS = {
 DVC_ORDER = ["download", "clean", "pretrain", "evaluate"]
 
 
-@pytest.fixture(scope="session")
-def prefect_api():
-    """A real temporary Prefect server and database for the whole session."""
-    with prefect_test_harness(server_startup_timeout=90):
-        yield PREFECT_API_URL.value()
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import project_env, python_module, run
+from tests.helpers.project import project_env, python_module, run
 from pipeline.download import download
 from pipeline.errors import PipelineError
 from pipeline.params import load_params

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import dvc, write_params
+from tests.helpers.project import dvc, write_params
 
 LANG_TEXT = {
     "en": ["The cat sleeps on the warm mat.", "A river runs through the old town.", "We read books every night."],

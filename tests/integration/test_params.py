@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT, project_env
+from tests.helpers.project import ROOT, project_env
 from pipeline.errors import PipelineError
 from pipeline.params import SECTIONS, load_params
 

@@ -1,6 +1,6 @@
 """Bad sources and bad params through the download CLI, as a user meets them: one line, exit 2, data/raw untouched.
 
-Rows of docs/errors.md whose existing tests (tests/test_download.py, tests/test_params.py) call the library rather
+Rows of docs/errors.md whose existing tests (tests/integration/test_download.py, tests/integration/test_params.py) call the library rather
 than the CLI, or do not check the earlier output, are tested here end to end.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fault_helpers import assert_one_error_line, leftovers, tree_digest
-from conftest import project_env, run
+from tests.helpers.faults import assert_one_error_line, leftovers, tree_digest
+from tests.helpers.project import project_env, run
 from test_download import FileServer
 
 TEXT = "".join(f"sentence number {i} in plain English\n" for i in range(1, 401)).encode()

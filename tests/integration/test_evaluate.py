@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import python_module, run
+from tests.helpers.project import python_module, run
 from test_tokenizer import write_clean, write_params_file
 
 from pipeline.errors import PipelineError

@@ -11,7 +11,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, load_fault_trials, project_env, python_module, run, set_dotted
+from tests.helpers import fault_trials
+from tests.helpers.project import ROOT, project_env, python_module, run, set_dotted
 from pipeline.params import load_params
 from pipeline.shard import make_shards
 from pipeline.tokenizer import train_tokenizer
@@ -218,7 +219,7 @@ def test_a_worker_killed_by_the_os_is_one_line_from_the_launcher(corpus, tmp_pat
     proc = subprocess.Popen(pretrain_cmd(run_dir, corpus), cwd=ROOT, env=env1(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     _wait_for_checkpoint(run_dir / "checkpoints", proc, min_step=5)
-    workers = load_fault_trials().descendants(proc.pid)
+    workers = fault_trials.descendants(proc.pid)
     assert len(workers) == 2, workers
     os.kill(workers[-1], signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import ROOT, project_env, set_dotted
+from tests.helpers.project import ROOT, project_env, set_dotted
 
 LANGS = ["en", "fr", "ru"]
 PAIRS = ["en-fr", "en-ru"]
