@@ -10,7 +10,7 @@ lets PyTorch pick the flash kernel (the script checks that flash can run for our
 model keeps an all-true padding mask rather than break the graph on a data-dependent test (xlm_core/model.py), and a
 mask rules flash out: the compiled row runs SDPA's memory-efficient kernel, a known gap to close before trusting it. The peak is the measured
 bf16 ``torch.mm`` (8192², best of 10) and, on an H100/H200, also the datasheet's dense bf16 989 TFLOP/s; MFU is
-6 · N · tokens/s over each. Target (issue "Benchmarks"): ≥ 45 % MFU in bf16 at ``base``. Prints a table and JSON lines.
+6 · N · tokens/s over each. Target: ≥ 45 % MFU in bf16 at ``base``. Prints a table and JSON lines.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
     python bench/pipeline.py                 # a fresh clone of this repository's HEAD in a temporary folder
     python bench/pipeline.py --keep DIR      # keep the project (data/, metrics) in DIR afterwards
 
-Targets (issue "Benchmarks"): the whole default run ≤ 15 minutes on 2 cores, a no-op `dvc repro` ≤ 3 s, the data
+Targets: the whole default run ≤ 15 minutes on 2 cores, a no-op `dvc repro` ≤ 3 s, the data
 loader's stall < 2 % of pretrain's training time. Prints a table and one JSON line.
 """
 from __future__ import annotations

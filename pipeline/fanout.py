@@ -1,4 +1,4 @@
-"""Fan a data stage's independent units out to a thread pool, a Dask cluster or Prefect tasks (issues 7, 14).
+"""Fan a data stage's independent units out to a thread pool, a Dask cluster or Prefect tasks.
 
 The clean and shard stages split their work into units (a raw file, a language, a pair, an output shard) that depend
 only on their inputs and write their output under the stage's scratch or staging folder. A stage hands its body to
