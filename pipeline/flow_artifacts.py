@@ -49,6 +49,7 @@ class ProgressArtifact:
         self._written_at = float("-inf")
         self._pending: tuple[float, str] | None = None
         self._first: tuple[int, float] | None = None       # (step, elapsed_s) of the first train record
+        self._train: dict = {}                              # the figures of the last train and valid records
         self._valid: dict = {}
         self._broken = False
 
@@ -62,12 +63,14 @@ class ProgressArtifact:
             return
         if record.get("kind") == "valid":
             self._valid = figures
-        elif self._first is None:
-            self._first = (step, elapsed)
+        else:
+            self._train = figures
+            if self._first is None:
+                self._first = (step, elapsed)
         eta = None
         if self._first is not None and step > self._first[0]:
             eta = (total - step) * (elapsed - self._first[1]) / (step - self._first[0])
-        self._pending = (min(100.0, 100.0 * step / total), self._describe(step, total, figures, eta))
+        self._pending = (min(100.0, 100.0 * step / total), self._describe(step, total, eta))
         if step >= total or time.monotonic() - self._written_at >= self.every_s:
             self.flush()
 
@@ -89,7 +92,8 @@ class ProgressArtifact:
         self.updates += 1
         self._written_at = time.monotonic()
 
-    def _describe(self, step: int, total: int, figures: dict, eta: float | None) -> str:
+    def _describe(self, step: int, total: int, eta: float | None) -> str:
+        figures = self._train
         parts = [f"**{self.stage}** step {step}/{total}"]
         if "train/loss" in figures:
             parts.append(f"loss {figures['train/loss']:.4f}")
@@ -97,8 +101,10 @@ class ProgressArtifact:
             parts.append(f"{figures['train/tokens_per_s']:.0f} tokens/s")
         if eta is not None:
             parts.append(f"ETA {_duration(eta)}")
-        if "valid/loss" in self._valid:
-            parts.append(f"valid loss {self._valid['valid/loss']:.4f}")
+        # valid/<objective>_loss/<language or pair>: their mean, the one number that says whether validation improves
+        losses = [v for k, v in self._valid.items() if k.split("/")[1:2] and k.split("/")[1].endswith("_loss")]
+        if losses:
+            parts.append(f"valid loss {sum(losses) / len(losses):.4f} (mean of {len(losses)})")
         return " · ".join(parts)
 
 

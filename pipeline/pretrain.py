@@ -128,6 +128,9 @@ def pretrain(params: StageParams, shards_dir: Path, tokenizer_dir: Path, checkpo
     t0 = time.perf_counter()
     try:
         trainer.fit(p.steps, hooks=[log, validate_and_checkpoint])
+    except BaseException:
+        log.close()   # the bar, DVCLive and the progress file end cleanly before the error line
+        raise
     finally:
         loader.close()
     if not last_valid:  # the run was already complete: report the final model's figures anyway

@@ -78,6 +78,17 @@ class PretrainParams(Strict):
         return masking
 
     @model_validator(mode="after")
+    def _adversarial_layer_exists(self):
+        if self.adversarial.enabled:
+            n_layers = self.model.config(vocab_size=16, n_languages=1).n_layers   # sizes do not depend on the vocab
+            try:
+                self.adversarial.layer_of(n_layers)
+            except ValueError:
+                raise ValueError(f"adversarial.layer = {self.adversarial.layer}: the model has {n_layers} layers; "
+                                 f"use 1 to {n_layers}, or null for the middle one") from None
+        return self
+
+    @model_validator(mode="after")
     def _seq_len_warmup(self):
         warmup = self.seq_len_warmup
         if warmup.steps and warmup.start < self.seq_len:

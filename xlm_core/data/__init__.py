@@ -33,14 +33,14 @@ The trainer side, for one rank::
 
     loader = PretrainLoader("data/shards/train", languages, pairs, {"mlm": 1, "tlm": 0.5}, alpha=0.5, seq_len=256,
                             batch_size=256, seed=1234, rank=rank, world_size=world, accum_steps=accum)
-    loader.load_state_dict(checkpoint_meta["data"])            # on resume
+    loader.load_state_dict(checkpoint_meta["loader"])          # on resume
     for micro_batches in loader:                                # one optimizer step
         for mb in micro_batches:
             mb = mb.to(device)
             generator.manual_seed(mb.chunk_seed)                # masks independent of the ranks x accum split
             loss = mlm_loss(model, mb.model_inputs(), masking, generator)
         ...
-        meta["data"] = loader.state_dict()                      # with the checkpoint of this step
+        meta["loader"] = loader.state_dict()                    # with the checkpoint of this step
 """
 from xlm_core.data.batches import Batch, pair_item_length, sentence_item_length
 from xlm_core.data.eval_batches import iter_eval_batches

@@ -16,6 +16,7 @@ from xlm_core.data.batches import (Batch, block_batch, pair_batch, pair_item_len
 from xlm_core.data.schedule import MONO_OBJECTIVES, OBJECTIVES, StepPlan, StepSchedule, sampling_probs
 from xlm_core.data.split import DataError, open_split, require_tokens
 from xlm_core.data.streams import LengthPool, MonoStream, ParaStream, ShardStream
+from xlm_core.settings import check_objective_weights
 
 if TYPE_CHECKING:
     from xlm_core.tokenizer import Tokenizer
@@ -120,8 +121,10 @@ class PretrainLoader:
         unknown = sorted(set(objectives) - set(OBJECTIVES))
         if unknown:
             raise DataError(f"objectives: unknown {unknown}; allowed: {list(OBJECTIVES)}")
-        if not any(w > 0 for w in objectives.values()) or any(w < 0 for w in objectives.values()):
-            raise DataError(f"objectives {objectives}: weights must be >= 0 with at least one > 0")
+        try:
+            check_objective_weights(objectives)
+        except ValueError as exc:
+            raise DataError(f"objectives {objectives}: {exc}") from None
         if self.mode not in MODES:
             raise DataError(f"mode {self.mode!r}: allowed: {list(MODES)}")
         if self.seq_len < 8:

@@ -96,7 +96,8 @@ def truncate_live(live_dir: Path, step: int) -> None:
 class ProgressFileSink(Sink):
     """One JSON object per line, flushed per line: ``{"kind", "step", "total", "elapsed_s", "figures"}``.
 
-    Appended to (a resumed run continues the file); a reader takes the last whole line.
+    Appended to, so a file that several runs share holds all their records in order (`xlm flow` names a fresh
+    file for each stage run); a reader takes whole lines only, as `pipeline.flow_artifacts.ProgressTail` does.
     """
 
     def __init__(self, path: Path, total: int):
