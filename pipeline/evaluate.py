@@ -31,15 +31,13 @@ from xlm_core.evaluation.inputs import EvalPlan, read_bitexts
 from xlm_core.evaluation.scoring import Figures, score_model, unigram_floor
 from xlm_core.model_config import default_layer
 from xlm_core.model import ModelConfig, XLMModel
-from xlm_core.model_dir import ModelDir, load_model_dir
+from xlm_core.model_dir import CONFIG, DISCRIMINATOR, FIX, WEIGHTS, ModelDir, load_model_dir
 from xlm_core.objectives import LanguageDiscriminator
 from xlm_core.shards import ShardSet
+from xlm_core.train.runtime import device_type
 
-FIX = "run `dvc repro pretrain`"
-
-
-def build_model(config: ModelConfig, state: Optional[dict[str, torch.Tensor]], seed: int,
-                device: torch.device) -> XLMModel:
+def build_model(config: ModelConfig, state: Optional[dict[str, torch.Tensor]], seed: int, device: torch.device,
+                folder: Path) -> XLMModel:
     """The trained model (``state``), or with ``state=None`` the baseline: the same config, initialised from ``seed``."""
     torch.manual_seed(seed)
     model = XLMModel(config)
@@ -47,13 +45,12 @@ def build_model(config: ModelConfig, state: Optional[dict[str, torch.Tensor]], s
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise PipelineError(f"data/model/model.safetensors does not fit its config.json ({str(exc)[:200]}); "
-                                f"{FIX}") from None
+            raise PipelineError(f"{folder / WEIGHTS} does not fit its {CONFIG} ({str(exc)[:200]}); {FIX}") from None
     return model.to(device).eval()
 
 
 def build_discriminator(state: dict[str, torch.Tensor], d_model: int, n_languages: int, trained: bool, seed: int,
-                        device: torch.device) -> LanguageDiscriminator:
+                        device: torch.device, folder: Path) -> LanguageDiscriminator:
     """The trained discriminator (``trained``), or the baseline's: the same shape, initialised from ``seed + 1``."""
     try:
         hidden = state["net.0.weight"].shape[0]
@@ -62,15 +59,8 @@ def build_discriminator(state: dict[str, torch.Tensor], d_model: int, n_language
         if trained:
             disc.load_state_dict(state, strict=True)
     except (KeyError, RuntimeError) as exc:
-        raise PipelineError(f"data/model/discriminator.safetensors does not fit the model ({str(exc)[:200]}); "
-                            f"{FIX}") from None
+        raise PipelineError(f"{folder / DISCRIMINATOR} does not fit the model ({str(exc)[:200]}); {FIX}") from None
     return disc.to(device).eval()
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("params.yaml: evaluate.device = 'cuda' but no CUDA GPU is visible; use auto or cpu")
-    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 def make_plan(params: StageParams, model: ModelDir, shards_dir: Path) -> tuple[EvalPlan, list[str]]:
@@ -140,19 +130,20 @@ def evaluate(params: StageParams, model_dir: Path, shards_dir: Path, metrics_pat
     ev = params.evaluate
     if ev.threads:
         torch.set_num_threads(ev.threads)
-    device = pick_device(ev.device)
+    device = torch.device(device_type(ev.device, nproc=1, section="evaluate"))
     # Validate everything (model, shards, suites) before computing or touching any output.
     folder = load_model_dir(model_dir)
     plan, notes = make_plan(params, folder, shards_dir)
 
-    models = {"trained": build_model(folder.config, folder.state, ev.seed, device)}
+    models = {"trained": build_model(folder.config, folder.state, ev.seed, device, folder.path)}
     if ev.baseline:
-        models["baseline"] = build_model(folder.config, None, ev.seed, device)
+        models["baseline"] = build_model(folder.config, None, ev.seed, device, folder.path)
     discriminators: dict[str, Optional[LanguageDiscriminator]] = {name: None for name in models}
     if folder.discriminator is not None:
         for name in models:
             discriminators[name] = build_discriminator(folder.discriminator, folder.config.d_model,
-                                                       len(folder.languages), name == "trained", ev.seed, device)
+                                                       len(folder.languages), name == "trained", ev.seed, device,
+                                                       folder.path)
     jobs = len(plan.languages) + len(plan.pairs) + 1 + len(plan.retrieval_suites) + len(plan.classification_suites)
     per_model: dict[str, Figures] = {}
     counts = {}

@@ -13,19 +13,19 @@ class RuntimeSettingsError(XLMError):
     """The requested device or process count does not fit this machine."""
 
 
-def device_type(choice: str, nproc: int) -> str:
-    """"cuda" or "cpu" for ``pretrain.device``, once ``pretrain.nproc`` processes are known to fit this machine."""
+def device_type(choice: str, nproc: int, section: str = "pretrain") -> str:
+    """"cuda" or "cpu" for ``<section>.device``, once ``nproc`` processes are known to fit this machine."""
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeSettingsError("params.yaml: pretrain.device = 'cuda' but no CUDA GPU is visible; use auto "
-                                       "or cpu")
+            raise RuntimeSettingsError(f"params.yaml: {section}.device = 'cuda' but no CUDA GPU is visible; use auto "
+                                       f"or cpu")
         if nproc > torch.cuda.device_count():
-            raise RuntimeSettingsError(f"params.yaml: pretrain.nproc = {nproc} but only {torch.cuda.device_count()} "
+            raise RuntimeSettingsError(f"params.yaml: {section}.nproc = {nproc} but only {torch.cuda.device_count()} "
                                        f"GPU(s) are visible; lower nproc")
         return "cuda"
     cores = os.cpu_count() or 1
     if nproc > cores:
-        raise RuntimeSettingsError(f"params.yaml: pretrain.nproc = {nproc} exceeds the {cores} CPU cores of this "
+        raise RuntimeSettingsError(f"params.yaml: {section}.nproc = {nproc} exceeds the {cores} CPU cores of this "
                                    f"machine; lower nproc (each process needs at least one core)")
     return "cpu"
 
