@@ -105,10 +105,10 @@ def build_corpus(root: Path) -> Path:
     from pipeline.params import load_params
     from pipeline.shard import make_shards
     from pipeline.tokenizer import train_tokenizer
-    from test_tokenizer import write_clean, write_params_file
+    from tests.helpers.corpora import write_clean, write_tokenizer_shard_params
 
-    params_path = write_params_file(root / "params.yaml", LANGS, PAIRS, tokenizer={"vocab_size": 150},
-                                    shard={"rows_per_shard": 250})
+    params_path = write_tokenizer_shard_params(root / "params.yaml", LANGS, PAIRS, tokenizer={"vocab_size": 150},
+                                               shard={"rows_per_shard": 250})
     write_clean(root / "clean", ROWS, PAIRS)
     train_tokenizer(load_params("tokenizer", params_path), root / "clean", root / "tokenizer", root / "tok.json")
     make_shards(load_params("shard", params_path), root / "clean", root / "tokenizer", root / "shards",

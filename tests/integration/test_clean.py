@@ -10,8 +10,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
+from tests.helpers.corpora import EN, RU, bible, verse_id, write_clean_stage_params, write_source
 from tests.helpers.project import dvc, project_env, python_module, run, write_params
 from pipeline.clean import clean
 from pipeline.errors import PipelineError
@@ -21,51 +21,11 @@ from xlm_core.cleaning.split import SPLITS, salt_key, split_of
 from xlm_core.text import normalize_text, ratio_length, script_fraction, script_fractions, strip_html, text_key
 
 SALT = "xlm-pipeline"
-EN = ["The cat sleeps on the warm mat", "A river runs through the old town", "We read books every night",
-      "The sun rises over the hills", "Bread is baked early in the morning"]
-FR = ["Le chat dort sur le tapis chaud", "Une rivière traverse la vieille ville", "Nous lisons des livres chaque soir",
-      "Le soleil se lève sur les collines", "Le pain est cuit tôt le matin"]
-RU = ["Кошка спит на тёплом коврике", "Река течёт через старый город", "Мы читаем книги каждый вечер",
-      "Солнце встаёт над холмами", "Хлеб пекут рано утром"]
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
-def write_source(raw: Path, name: str, files: dict[str, list], parallel: bool = False) -> None:
-    """data/raw/<name>/<lang>.tsv (rows: (id, text) or raw bytes of a whole line) + manifests; sources in call order."""
-    folder = raw / name
-    folder.mkdir(parents=True)
-    for lang, rows in files.items():
-        with open(folder / f"{lang}.tsv", "wb") as fh:
-            for row in rows:
-                fh.write(row if isinstance(row, bytes) else f"{row[0]}\t{row[1]}\n".encode("utf-8"))
-    manifest = {"source": name, "kind": "local", "format": "text", "parallel": parallel, "languages": list(files),
-                "counts": {lang: len(rows) for lang, rows in files.items()}, "fetched": [],
-                "invalid_utf8_lines": dict.fromkeys(files, 0)}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    top = raw / "manifest.json"
-    sources = json.loads(top.read_text())["sources"] if top.exists() else []
-    top.write_text(json.dumps({"sources": [*sources, name]}))
-
-
-def verse_id(i: int) -> str:
-    return f"bible:{1 + i // 900:03d}.{1 + i // 30 % 30:03d}.{1 + i % 30:03d}"
-
-
-def bible(n: int, langs=("en", "fr", "ru")) -> dict[str, list]:
-    """A multi-parallel corpus: n verses aligned by id, distinct texts, each in its language's script."""
-    base = {"en": EN, "fr": FR, "ru": RU}
-    return {lang: [(verse_id(i), f"{base[lang][i % 5]} {i}") for i in range(n)] for lang in langs}
-
-
-def write_params_file(path: Path, languages, pairs=(), **clean_overrides) -> Path:
-    clean_section = {"split": {"valid": 0.2, "test": 0.2}, "batch_rows": 100, **clean_overrides}
-    path.write_text(yaml.safe_dump({"languages": list(languages), "pairs": list(pairs), "clean": clean_section},
-                                   allow_unicode=True))
-    return path
-
-
 def params_for(tmp_path: Path, languages, pairs=(), **clean_overrides):
-    path = write_params_file(tmp_path / "params.yaml", languages, pairs, **clean_overrides)
+    path = write_clean_stage_params(tmp_path / "params.yaml", languages, pairs, **clean_overrides)
     return load_params("clean", path)
 
 
@@ -516,7 +476,7 @@ def cli_project(tmp_path):
     write_source(raw, "bible", bible(60, ("en", "fr")), parallel=True)
     write_source(raw, "web", {"en": [(f"web:{i + 1:09d}", f"{EN[i % 5]} on the web {i}") for i in range(30)],
                               "ru": [(f"web:{i + 1:09d}", f"{RU[i % 5]} {i}") for i in range(30)]})
-    write_params_file(proj / "params.yaml", ["en", "fr", "ru"], ["en-fr"])
+    write_clean_stage_params(proj / "params.yaml", ["en", "fr", "ru"], ["en-fr"])
     clean(load_params("clean", proj / "params.yaml"), raw, proj / "data" / "clean", proj / "metrics" / "clean.json")
     return proj
 
@@ -540,7 +500,7 @@ def _break_raw_missing(proj):
 
 
 def _break_unprovided_language(proj):
-    write_params_file(proj / "params.yaml", ["en", "fr", "ru", "de"], ["en-fr"])
+    write_clean_stage_params(proj / "params.yaml", ["en", "fr", "ru", "de"], ["en-fr"])
 
 
 def _break_all_filtered(proj):
@@ -549,7 +509,7 @@ def _break_all_filtered(proj):
 
 
 def _break_unprovided_pair(proj):
-    write_params_file(proj / "params.yaml", ["en", "fr", "ru"], ["en-fr", "en-ru"])
+    write_clean_stage_params(proj / "params.yaml", ["en", "fr", "ru"], ["en-fr", "en-ru"])
 
 
 def _break_empty_file(proj):

@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 from tests.helpers.project import ROOT, dvc, project_env, python_module, run
-from test_evaluate import LANGS, build_run, set_section
-from test_tokenizer import write_clean, write_params_file
+from tests.helpers.model_runs import LANGS, build_run, set_section
+from tests.helpers.corpora import write_clean, write_tokenizer_shard_params
 
 from pipeline.export import export
 from pipeline.params import load_params
@@ -170,7 +170,7 @@ def test_tokenizer_json_reproduces_sentencepiece(tmp_path, model_type, byte_fall
     """The JSON alone, read by the `tokenizers` library, gives sentencepiece's ids for every model type we train."""
     langs = ["en", "fr", "ru", "ar"]
     write_clean(tmp_path / "clean", {lang: 200 for lang in langs}, splits=("train", "valid"))
-    params = write_params_file(tmp_path / "params.yaml", langs, tokenizer={
+    params = write_tokenizer_shard_params(tmp_path / "params.yaml", langs, tokenizer={
         "vocab_size": 400 if byte_fallback else 120, "model_type": model_type, "byte_fallback": byte_fallback})
     train_tokenizer(load_params("tokenizer", params), tmp_path / "clean", tmp_path / "tok", tmp_path / "m.json")
     tok = Tokenizer.load(tmp_path / "tok")

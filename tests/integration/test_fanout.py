@@ -25,8 +25,7 @@ from pipeline.errors import PipelineError
 from pipeline.params import load_params
 from pipeline.shard import ShardTask, encode_shard, make_shards
 from pipeline.tokenizer import train_tokenizer
-from test_clean import verse_id, write_source
-from test_tokenizer import sentence
+from tests.helpers.corpora import sentence, verse_id, write_source
 from xlm_core.shards import ShardError
 from xlm_core.tokenizer import Tokenizer
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from tests.helpers.project import python_module, run
-from test_evaluate import build_run, set_section
+from tests.helpers.model_runs import build_run, set_section
 
 from pipeline.params import load_params
 from pipeline.tokenizer import train_tokenizer

@@ -16,7 +16,7 @@ from tests.helpers.project import ROOT, project_env, python_module, run, set_dot
 from pipeline.params import load_params
 from pipeline.shard import make_shards
 from pipeline.tokenizer import train_tokenizer
-from test_tokenizer import write_clean, write_params_file
+from tests.helpers.corpora import write_clean, write_tokenizer_shard_params
 from xlm_core.train.checkpoint import list_checkpoints
 
 LANGS = ["en", "fr", "ru"]
@@ -39,7 +39,7 @@ PRETRAIN = {
 def corpus(tmp_path_factory):
     """clean fixture -> real sentencepiece tokenizer -> real Parquet shards."""
     root = tmp_path_factory.mktemp("pretrain")
-    params_path = write_params_file(root / "params.yaml", LANGS, PAIRS, tokenizer={"vocab_size": 150})
+    params_path = write_tokenizer_shard_params(root / "params.yaml", LANGS, PAIRS, tokenizer={"vocab_size": 150})
     write_clean(root / "clean", ROWS, PAIRS)
     train_tokenizer(load_params("tokenizer", params_path), root / "clean", root / "tokenizer", root / "tok.json")
     make_shards(load_params("shard", params_path), root / "clean", root / "tokenizer", root / "shards",
@@ -257,7 +257,7 @@ def test_missing_shards_and_foreign_tokenizer(corpus, tmp_path):
     # a tokenizer from another run (other vocabulary size) than the shards
     other = tmp_path / "other"
     other.mkdir()
-    params_path = write_params_file(other / "params.yaml", LANGS, PAIRS, tokenizer={"vocab_size": 120})
+    params_path = write_tokenizer_shard_params(other / "params.yaml", LANGS, PAIRS, tokenizer={"vocab_size": 120})
     train_tokenizer(load_params("tokenizer", params_path), corpus / "clean", other / "tokenizer", other / "t.json")
     foreign = [*cmd[:cmd.index("--tokenizer") + 1], str(other / "tokenizer"), *cmd[cmd.index("--tokenizer") + 2:]]
     proc = run(foreign, ROOT, env=env1(), check=False)

@@ -16,7 +16,7 @@ from tests.helpers.project import ROOT, dvc, python_module, run, write_params
 from pipeline.params import load_params
 from pipeline.shard import make_shards
 from pipeline.tokenizer import train_tokenizer
-from test_tokenizer import write_clean, write_params_file
+from tests.helpers.corpora import write_clean, write_tokenizer_shard_params
 from xlm_core.shards import ShardError, ShardSet, iter_row_range
 from xlm_core.tokenizer import Tokenizer
 
@@ -32,7 +32,8 @@ def _all_files(folder: Path) -> dict[str, bytes]:
 
 def _build(root: Path, executor=None, **shard) -> tuple[dict, Path]:
     """clean fixture -> tokenizer -> shards under ``root``."""
-    params_path = write_params_file(root / "params.yaml", LANGS, PAIRS, tokenizer={"vocab_size": 150}, shard=shard)
+    params_path = write_tokenizer_shard_params(root / "params.yaml", LANGS, PAIRS, tokenizer={"vocab_size": 150},
+                                               shard=shard)
     if not (root / "clean").exists():
         write_clean(root / "clean", ROWS, PAIRS)
     train_tokenizer(load_params("tokenizer", params_path), root / "clean", root / "tokenizer", root / "tok.json")
@@ -163,7 +164,7 @@ def test_corrupted_shard_is_named(tmp_path, built):
 
 def test_tokenizer_mismatch_is_refused(tmp_path, built):
     root, _, shards, tok = built
-    params_path = write_params_file(tmp_path / "params.yaml", LANGS, PAIRS, tokenizer={"vocab_size": 140})
+    params_path = write_tokenizer_shard_params(tmp_path / "params.yaml", LANGS, PAIRS, tokenizer={"vocab_size": 140})
     train_tokenizer(load_params("tokenizer", params_path), root / "clean", tmp_path / "other", tmp_path / "m.json")
     other = Tokenizer.load(tmp_path / "other")
     assert other.sha256 != tok.sha256
@@ -188,7 +189,7 @@ def test_missing_clean_file_fails_before_touching_output(tmp_path, built):
     (tmp_path / "clean" / "para" / "test.parquet").unlink()
     shutil.copytree(shards, tmp_path / "shards")
     before = _all_files(tmp_path / "shards")
-    write_params_file(tmp_path / "params.yaml", LANGS, PAIRS)
+    write_tokenizer_shard_params(tmp_path / "params.yaml", LANGS, PAIRS)
     proc = run(python_module("pipeline.shard", "--params", str(tmp_path / "params.yaml"), "--clean-dir",
                              str(tmp_path / "clean"), "--tokenizer-dir", str(root / "tokenizer"), "--out-dir",
                              str(tmp_path / "shards"), "--metrics", str(tmp_path / "m.json")), cwd=ROOT, check=False)
@@ -205,7 +206,7 @@ def test_null_text_is_one_clear_error(tmp_path, built):
     texts = table.column("text").to_pylist()
     texts[3] = None
     pq.write_table(table.set_column(2, "text", pa.array(texts, pa.string())), path)
-    params = load_params("shard", write_params_file(tmp_path / "params.yaml", LANGS, PAIRS))
+    params = load_params("shard", write_tokenizer_shard_params(tmp_path / "params.yaml", LANGS, PAIRS))
     with pytest.raises(ShardError, match=r"mono/valid.parquet: column 'text' has 1 null"):
         make_shards(params, tmp_path / "clean", root / "tokenizer", tmp_path / "shards", tmp_path / "m.json")
     assert not (tmp_path / "shards").exists()
@@ -228,7 +229,7 @@ def test_wide_vocabulary_uses_int32(tmp_path):
                 data = {c: [] for c in cols}
             pq.write_table(pa.table(data, schema=pa.schema([(c, pa.string()) for c in cols])),
                            clean / kind / f"{split}.parquet")
-    params_path = write_params_file(tmp_path / "params.yaml", ["en"], tokenizer={
+    params_path = write_tokenizer_shard_params(tmp_path / "params.yaml", ["en"], tokenizer={
         "vocab_size": 66_000, "model_type": "bpe", "max_sentences": 20_000}, shard={"rows_per_shard": 50_000})
     train_tokenizer(load_params("tokenizer", params_path), clean, tmp_path / "tok", tmp_path / "t.json")
     manifests = make_shards(load_params("shard", params_path), clean, tmp_path / "tok", tmp_path / "shards",

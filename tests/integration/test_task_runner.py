@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from tests.helpers.project import project_env, run
-from test_clean import bible, write_params_file, write_source
+from tests.helpers.corpora import bible, write_clean_stage_params, write_source
 
 DVC_YAML = {"stages": {"clean": {
     "cmd": "python -m pipeline.clean --raw raw",
@@ -43,7 +43,7 @@ def template(tmp_path_factory) -> Path:
     run([sys.executable, "-m", "dvc", "init", "-q"], proj)
     run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], proj)
     write_source(proj / "raw", "bible", bible(120), parallel=True)
-    write_params_file(proj / "params.yaml", ["en", "fr", "ru"], ["en-fr", "en-ru"], task_runner="thread")
+    write_clean_stage_params(proj / "params.yaml", ["en", "fr", "ru"], ["en-fr", "en-ru"], task_runner="thread")
     (proj / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML, sort_keys=False))
     return proj
 

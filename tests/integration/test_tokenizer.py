@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import random
-import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -11,88 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
-import yaml
 
+from tests.helpers.corpora import write_clean, write_tokenizer_shard_params
 from tests.helpers.project import ROOT, python_module, run
 from pipeline.params import load_params
 from pipeline.tokenizer import choose_ordinals, sample_sizes, train_tokenizer
 from xlm_core import special_tokens as st
 from xlm_core.tokenizer import Tokenizer, TokenizerError
-
-# ----------------------------------------------------------------------------------------------- clean fixtures
-# Words per language: accents (fr, es), Cyrillic (ru), Arabic (ar) and CJK without spaces (zh).
-WORDS = {
-    "en": "the light of day and water king people land house word good night heart sea great city".split(),
-    "fr": "été forêt château élève garçon cœur où très noël français lumière père mère déjà voilà".split(),
-    "es": "niño señor corazón canción mañana árbol agua luz tierra pueblo después también así".split(),
-    "ru": "свет день вода царь народ земля дом слово добрый ночь сердце море великий город".split(),
-    "ar": "النور يوم الماء الملك الشعب الأرض البيت الكلمة الطيب الليل القلب البحر العظيم المدينة".split(),
-    "zh": "光 日 水 王 民 地 家 言 善 夜 心 海 大 城 神 天 人 子 说 的".split(),
-}
-PARA_COLUMNS = ["id", "src_lang", "tgt_lang", "src", "tgt"]
-
-
-def sentence(lang: str, rng: random.Random) -> str:
-    words = WORDS[lang]
-    # a Zipf-like choice so sentencepiece finds frequent multi-character pieces
-    picked = [words[min(int(rng.paretovariate(1.2)) - 1, len(words) - 1)] for _ in range(rng.randint(4, 12))]
-    if lang == "zh":
-        return "".join(picked) + "。"
-    text = " ".join(picked)
-    return unicodedata.normalize("NFC", text[0].upper() + text[1:] + ".")
-
-
-def write_clean(clean_dir: Path, rows: dict[str, int], pairs: list[str] = (), seed: int = 0,
-                splits=("train", "valid", "test")) -> None:
-    """Write data/clean/{mono,para}/<split>.parquet per docs/data-layout.md.
-
-    ``rows`` gives training segments per language; valid/test get a tenth each (at least 5). Segment ids are shared
-    across languages (a multi-parallel corpus), so para rows pair segment k of src with segment k of tgt.
-    """
-    rng = random.Random(seed)
-    for split in splits:
-        factor = 1.0 if split == "train" else 0.1
-        mono = {"id": [], "lang": [], "text": []}
-        by_lang: dict[str, dict[str, str]] = {}
-        for lang, n in rows.items():
-            count = n if split == "train" else max(5, int(n * factor))
-            by_lang[lang] = {}
-            for k in range(count):
-                seg_id = f"fixture:{split}.{k:06d}"
-                text = sentence(lang, rng)
-                mono["id"].append(seg_id)
-                mono["lang"].append(lang)
-                mono["text"].append(text)
-                by_lang[lang][seg_id] = text
-        para = {c: [] for c in PARA_COLUMNS}
-        for pair in pairs:
-            src, tgt = pair.split("-")
-            for seg_id in sorted(set(by_lang[src]) & set(by_lang[tgt])):
-                para["id"].append(seg_id)
-                para["src_lang"].append(src)
-                para["tgt_lang"].append(tgt)
-                para["src"].append(by_lang[src][seg_id])
-                para["tgt"].append(by_lang[tgt][seg_id])
-        for kind, columns in (("mono", mono), ("para", para)):
-            path = clean_dir / kind / f"{split}.parquet"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            schema = pa.schema([(c, pa.string()) for c in columns])
-            # small row groups so readers have to stitch row ranges across them
-            pq.write_table(pa.table(columns, schema=schema), path, compression="zstd", row_group_size=97)
-
-
-def write_params_file(path: Path, languages: list[str], pairs: list[str] = (), tokenizer: dict | None = None,
-                      shard: dict | None = None) -> Path:
-    data = {
-        "languages": list(languages),
-        "pairs": list(pairs),
-        "tokenizer": {"model_type": "unigram", "vocab_size": 200, "character_coverage": 1.0, "byte_fallback": False,
-                      "alpha": 0.3, "max_sentences": 2000, "seed": 1234, "threads": 2, **(tokenizer or {})},
-        "shard": {"rows_per_shard": 250, "batch_rows": 100, "threads": 2, **(shard or {})},
-    }
-    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    return path
-
 
 LANGS = ["en", "fr", "es", "ru", "ar", "zh"]
 ROWS = {"en": 900, "fr": 300, "es": 300, "ru": 300, "ar": 300, "zh": 300}
@@ -103,7 +26,7 @@ def trained(tmp_path_factory):
     """One tokenizer trained on the six-language fixture (shared by the read-only tests)."""
     root = tmp_path_factory.mktemp("tok")
     write_clean(root / "clean", ROWS)
-    params = load_params("tokenizer", write_params_file(root / "params.yaml", LANGS))
+    params = load_params("tokenizer", write_tokenizer_shard_params(root / "params.yaml", LANGS))
     metrics = train_tokenizer(params, root / "clean", root / "tokenizer", root / "metrics.json")
     return root, Tokenizer.load(root / "tokenizer"), metrics
 
@@ -193,8 +116,8 @@ def test_training_reads_only_the_train_split(tmp_path):
         extra = pa.table({"id": [f"x:{split}.{i}" for i in range(300)], "lang": ["en"] * 300,
                           "text": ["Ωmega zyxwvq zyxwvq"] * 300}, schema=table.schema)
         pq.write_table(pa.concat_tables([table, extra]), path)
-    params = load_params("tokenizer", write_params_file(tmp_path / "params.yaml", ["en", "fr"],
-                                                         tokenizer={"vocab_size": 90}))
+    params = load_params("tokenizer", write_tokenizer_shard_params(tmp_path / "params.yaml", ["en", "fr"],
+                                                                    tokenizer={"vocab_size": 90}))
     metrics = train_tokenizer(params, tmp_path / "clean", tmp_path / "tok", tmp_path / "m.json")
     tok = Tokenizer.load(tmp_path / "tok")
     assert tok.encode("Ω")[-1] == st.UNK
@@ -218,16 +141,16 @@ def test_two_runs_give_identical_files(tmp_path, trained):
 
 def test_seed_changes_the_sample(tmp_path, trained):
     root, tok, _ = trained
-    params = load_params("tokenizer", write_params_file(tmp_path / "params.yaml", LANGS,
-                                                         tokenizer={"seed": 99, "max_sentences": 500}))
+    params = load_params("tokenizer", write_tokenizer_shard_params(tmp_path / "params.yaml", LANGS,
+                                                                    tokenizer={"seed": 99, "max_sentences": 500}))
     train_tokenizer(params, root / "clean", tmp_path / "tokenizer", tmp_path / "metrics.json")
     assert Tokenizer.load(tmp_path / "tokenizer").sha256 != tok.sha256
 
 
 def test_bpe_model_type(tmp_path, trained):
     root, _, _ = trained
-    params = load_params("tokenizer", write_params_file(tmp_path / "params.yaml", LANGS,
-                                                         tokenizer={"model_type": "bpe", "vocab_size": 150}))
+    params = load_params("tokenizer", write_tokenizer_shard_params(tmp_path / "params.yaml", LANGS,
+                                                                    tokenizer={"model_type": "bpe", "vocab_size": 150}))
     train_tokenizer(params, root / "clean", tmp_path / "tokenizer", tmp_path / "metrics.json")
     tok = Tokenizer.load(tmp_path / "tokenizer")
     assert tok.vocab_size == 152
@@ -272,7 +195,7 @@ def _assert_one_line_error(proc, *fragments: str):
 
 def test_cli_empty_language_is_one_clear_error(tmp_path):
     write_clean(tmp_path / "clean", {"en": 200, "fr": 200})
-    write_params_file(tmp_path / "params.yaml", ["en", "fr", "ru"])
+    write_tokenizer_shard_params(tmp_path / "params.yaml", ["en", "fr", "ru"])
     (tmp_path / "tokenizer").mkdir()
     (tmp_path / "tokenizer" / "spm.model").write_bytes(b"previous output")
     proc = _cli(tmp_path)
@@ -284,12 +207,12 @@ def test_cli_empty_language_is_one_clear_error(tmp_path):
 
 def test_cli_vocab_too_large_names_the_max_and_the_key(tmp_path):
     write_clean(tmp_path / "clean", {"en": 60, "fr": 60})
-    write_params_file(tmp_path / "params.yaml", ["en", "fr"], tokenizer={"vocab_size": 5000})
+    write_tokenizer_shard_params(tmp_path / "params.yaml", ["en", "fr"], tokenizer={"vocab_size": 5000})
     line = _assert_one_line_error(_cli(tmp_path), "tokenizer.vocab_size = 5000", "lower tokenizer.vocab_size to")
     allowed = int(line.split("lower tokenizer.vocab_size to ")[1].split()[0])
     assert 16 < allowed < 5000
     # the number given really is the limit: training at it works
-    write_params_file(tmp_path / "params.yaml", ["en", "fr"], tokenizer={"vocab_size": allowed})
+    write_tokenizer_shard_params(tmp_path / "params.yaml", ["en", "fr"], tokenizer={"vocab_size": allowed})
     proc = _cli(tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert Tokenizer.load(tmp_path / "tokenizer").vocab_size == allowed + 2
@@ -297,13 +220,13 @@ def test_cli_vocab_too_large_names_the_max_and_the_key(tmp_path):
 
 def test_cli_vocab_too_small_is_explained(tmp_path):
     write_clean(tmp_path / "clean", {"en": 60, "ru": 60, "zh": 60})
-    write_params_file(tmp_path / "params.yaml", ["en", "ru", "zh"], tokenizer={"vocab_size": 20})
+    write_tokenizer_shard_params(tmp_path / "params.yaml", ["en", "ru", "zh"], tokenizer={"vocab_size": 20})
     _assert_one_line_error(_cli(tmp_path), "tokenizer.vocab_size = 20 is too small", "character_coverage")
 
 
 def test_cli_missing_clean_split(tmp_path):
     write_clean(tmp_path / "clean", {"en": 60}, splits=("train",))
-    write_params_file(tmp_path / "params.yaml", ["en"])
+    write_tokenizer_shard_params(tmp_path / "params.yaml", ["en"])
     _assert_one_line_error(_cli(tmp_path), "valid.parquet", "not found", "dvc repro clean")
 
 

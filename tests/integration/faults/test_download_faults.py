@@ -22,7 +22,7 @@ import yaml
 
 from tests.helpers.faults import assert_one_error_line, leftovers, tree_digest
 from tests.helpers.project import project_env, run
-from test_download import FileServer
+from tests.helpers.http_server import FileServer
 
 TEXT = "".join(f"sentence number {i} in plain English\n" for i in range(1, 401)).encode()
 

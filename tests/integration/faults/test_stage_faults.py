@@ -172,10 +172,11 @@ def test_model_folder_whose_tokenizer_is_not_the_models_is_refused(trained, tmp_
     corpus, run_dir = trained
     from pipeline.params import load_params
     from pipeline.tokenizer import train_tokenizer
-    from test_tokenizer import write_params_file
+    from tests.helpers.corpora import write_tokenizer_shard_params
 
     other = tmp_path / "other"
-    params_path = write_params_file(tmp_path / "tok-params.yaml", ["en", "fr", "ru"], tokenizer={"vocab_size": 120})
+    params_path = write_tokenizer_shard_params(tmp_path / "tok-params.yaml", ["en", "fr", "ru"],
+                                               tokenizer={"vocab_size": 120})
     train_tokenizer(load_params("tokenizer", params_path), corpus / "clean", other, tmp_path / "tok.json")
     model = tmp_path / "model"
     shutil.copytree(run_dir / "model", model)
