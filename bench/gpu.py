@@ -27,8 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from xlm_core.model import ModelConfig, XLMModel  # noqa: E402
-from xlm_core.objectives import MaskingConfig, mask_tokens, mlm_loss  # noqa: E402
+from xlm_core.model import XLMModel  # noqa: E402
+from xlm_core.model_config import ModelConfig  # noqa: E402
+from xlm_core.masking import mask_tokens  # noqa: E402
+from xlm_core.objectives import mlm_loss  # noqa: E402
+from xlm_core.settings import MaskingConfig  # noqa: E402
 from xlm_core.train.runtime import measure_peak_flops  # noqa: E402
 
 DATASHEET_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense, SXM unless named

@@ -49,8 +49,10 @@ from pipeline.pretrain_settings import model_config  # noqa: E402
 from xlm_core.data import PretrainLoader, iter_eval_batches  # noqa: E402
 from xlm_core.hf import from_hf, hf_config  # noqa: E402
 from xlm_core.metrics import masked_lm_score  # noqa: E402
-from xlm_core.model import ModelConfig, XLMModel  # noqa: E402
-from xlm_core.objectives import MaskingConfig, mlm_loss  # noqa: E402
+from xlm_core.model import XLMModel  # noqa: E402
+from xlm_core.model_config import ModelConfig  # noqa: E402
+from xlm_core.objectives import mlm_loss  # noqa: E402
+from xlm_core.settings import MaskingConfig  # noqa: E402
 from xlm_core.tokenizer import Tokenizer  # noqa: E402
 from xlm_core.train.trainer import Trainer, seq_len_schedule  # noqa: E402
 

@@ -43,8 +43,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from xlm_core.model import ModelConfig, XLMModel  # noqa: E402
-from xlm_core.objectives import MaskingConfig, mask_tokens, mlm_loss  # noqa: E402
+from xlm_core.model import XLMModel  # noqa: E402
+from xlm_core.model_config import ModelConfig  # noqa: E402
+from xlm_core.masking import mask_tokens  # noqa: E402
+from xlm_core.objectives import mlm_loss  # noqa: E402
+from xlm_core.settings import MaskingConfig  # noqa: E402
 from xlm_core.train.runtime import measure_peak_flops  # noqa: E402
 
 Step = Callable[[], None]

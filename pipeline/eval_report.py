@@ -13,7 +13,7 @@ import numpy as np
 from xlm_core.atomic import atomic_dir, atomic_file, write_json
 from xlm_core.evaluation.inputs import EvalPlan
 from xlm_core.evaluation.scoring import Counts, Figures
-from xlm_core.model import ModelConfig
+from xlm_core.model_config import ModelConfig
 
 
 def _round(value: float) -> float:

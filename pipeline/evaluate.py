@@ -30,9 +30,10 @@ from pipeline.params import StageParams, load_params
 from xlm_core.evaluation.inputs import EvalPlan, read_bitexts
 from xlm_core.evaluation.scoring import Figures, score_model, unigram_floor
 from xlm_core.model_config import default_layer
-from xlm_core.model import ModelConfig, XLMModel
+from xlm_core.model import XLMModel
+from xlm_core.model_config import ModelConfig
 from xlm_core.model_dir import CONFIG, DISCRIMINATOR, FIX, WEIGHTS, ModelDir, load_model_dir
-from xlm_core.objectives import LanguageDiscriminator
+from xlm_core.adversary import LanguageDiscriminator
 from xlm_core.shards import ShardSet
 from xlm_core.train.runtime import device_type
 

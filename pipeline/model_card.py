@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from xlm_core.hf_tokenizer import SPECIAL
-from xlm_core.model import ModelConfig
+from xlm_core.model_config import ModelConfig
 
 
 def model_card(name: str, license_: str, config: ModelConfig, languages: list[str], pairs: list[str],

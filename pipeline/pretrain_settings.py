@@ -7,8 +7,8 @@ import json
 from typing import Any
 
 from pipeline.params import StageParams
-from xlm_core.model import ModelConfig
-from xlm_core.objectives import ObjectivesConfig
+from xlm_core.model_config import ModelConfig
+from xlm_core.settings import ObjectivesConfig
 
 # Keys of the pretrain section that change what is computed; the others (logging, checkpoint cadence, threads,
 # process count, compile) can change between a kill and a resume without invalidating the checkpoint. dvc.yaml's

@@ -28,7 +28,8 @@ from typing import Any, Mapping
 
 import torch
 
-from xlm_core.model import ModelConfig, fixed_position_table
+from xlm_core.model import fixed_position_table
+from xlm_core.model_config import ModelConfig
 from xlm_core.special_tokens import BOS, EOS
 
 Tensor = torch.Tensor

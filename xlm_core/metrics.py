@@ -21,7 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from xlm_core.model import XLMModel
-from xlm_core.objectives import MaskingConfig, build_mono_batch, mask_tokens, maskable, masked_mean
+from xlm_core.adversary import masked_mean
+from xlm_core.masking import mask_tokens, maskable
+from xlm_core.objectives import build_mono_batch
+from xlm_core.settings import MaskingConfig
 
 SCORINGS = ("cosine", "margin")
 

@@ -20,8 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The config lives in a torch-free module (params.yaml's schema uses it); importable from here beside the model.
-from xlm_core.model_config import PRESETS, ModelConfig  # noqa: F401
+from xlm_core.model_config import ModelConfig
 
 
 # ----------------------------------------------------------------------------------------------------------- layers

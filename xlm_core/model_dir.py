@@ -25,7 +25,7 @@ import torch
 
 from xlm_core.atomic import atomic_dir, sha256_file
 from xlm_core.errors import XLMError
-from xlm_core.model import ModelConfig
+from xlm_core.model_config import ModelConfig
 from xlm_core.tokenizer import SPM_MODEL, TOKENIZER_JSON, Tokenizer
 
 FORMAT = 2

@@ -23,11 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The adversary's, masking's and the settings' names stay importable from here, beside the losses that use them.
-from xlm_core.adversary import (LanguageDiscriminator, adversarial_lambda, adversarial_loss,  # noqa: F401
-                                grad_reverse, masked_mean)
-from xlm_core.masking import MaskedTokens, frequency_weights, mask_tokens, maskable  # noqa: F401
-from xlm_core.settings import AdversarialConfig, MaskingConfig, ObjectivesConfig  # noqa: F401
+from xlm_core.adversary import adversarial_lambda, adversarial_loss
+from xlm_core.masking import mask_tokens
+from xlm_core.settings import MaskingConfig, ObjectivesConfig
 from xlm_core.special_tokens import BOS, EOS, PAD
 
 Batch = Mapping[str, torch.Tensor]

@@ -11,9 +11,10 @@ from tests.helpers.corpora import write_clean, write_tokenizer_shard_params
 from pipeline.params import load_params
 from pipeline.shard import make_shards
 from pipeline.tokenizer import train_tokenizer
-from xlm_core.model import ModelConfig, XLMModel
+from xlm_core.model import XLMModel
+from xlm_core.model_config import ModelConfig
 from xlm_core.model_dir import save_model_dir
-from xlm_core.objectives import LanguageDiscriminator
+from xlm_core.adversary import LanguageDiscriminator
 from xlm_core.tokenizer import Tokenizer
 
 LANGS = ["en", "fr", "ru", "ar"]

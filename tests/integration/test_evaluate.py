@@ -21,8 +21,9 @@ from pipeline.params import load_params
 from xlm_core.data import iter_eval_batches
 from xlm_core.metrics import (bitext_retrieval, center, eval_masking, masked_lm_score, pooled_embeddings, ratio_margin,
                               train_linear_probe, unigram_score)
-from xlm_core.model import ModelConfig, XLMModel
-from xlm_core.objectives import mask_tokens
+from xlm_core.model import XLMModel
+from xlm_core.model_config import ModelConfig
+from xlm_core.masking import mask_tokens
 from xlm_core.tokenizer import Tokenizer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

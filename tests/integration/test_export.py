@@ -20,7 +20,8 @@ from pipeline.export import export
 from pipeline.params import load_params
 from pipeline.tokenizer import train_tokenizer
 from xlm_core.hf_tokenizer import read_spm_model, tokenizer_json
-from xlm_core.model import ModelConfig, XLMModel
+from xlm_core.model import XLMModel
+from xlm_core.model_config import ModelConfig
 from xlm_core.tokenizer import Tokenizer
 
 # Latin with accents, Cyrillic, Arabic; odd spacing; a character the tokenizer never saw; digits.

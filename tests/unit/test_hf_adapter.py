@@ -11,7 +11,8 @@ from transformers import XLMRobertaConfig, XLMRobertaForCausalLM, XLMRobertaForM
 
 from tests.helpers.project import ROOT, project_env
 from xlm_core.hf import from_hf, hf_config, to_hf
-from xlm_core.model import ModelConfig, XLMModel
+from xlm_core.model import XLMModel
+from xlm_core.model_config import ModelConfig
 from xlm_core.special_tokens import PAD
 
 VOCAB = 120

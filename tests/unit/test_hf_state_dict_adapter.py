@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from xlm_core.hf import XLMRobertaStateDictAdapter, from_hf, hf_config, to_hf
-from xlm_core.model import ModelConfig, XLMModel
+from xlm_core.model import XLMModel
+from xlm_core.model_config import ModelConfig
 
 
 def test_adapter_round_trip_matches_the_functions():

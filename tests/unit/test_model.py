@@ -9,8 +9,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from xlm_core.model import PRESETS, ModelConfig, SelfAttention, XLMModel, fixed_position_table, sinusoidal_table
-from xlm_core.objectives import MaskingConfig, build_mono_batch, mask_tokens, mlm_loss
+from xlm_core.model import SelfAttention, XLMModel, fixed_position_table, sinusoidal_table
+from xlm_core.model_config import ModelConfig, PRESETS
+from xlm_core.masking import mask_tokens
+from xlm_core.objectives import build_mono_batch, mlm_loss
+from xlm_core.settings import MaskingConfig
 from xlm_core.special_tokens import PAD
 
 VOCAB = 101

@@ -10,9 +10,10 @@ import sentencepiece as spm
 import torch
 
 from xlm_core.atomic import sha256_file, write_json
-from xlm_core.model import ModelConfig, XLMModel
+from xlm_core.model import XLMModel
+from xlm_core.model_config import ModelConfig
 from xlm_core.model_dir import DISCRIMINATOR, ModelDirError, load_model_dir, save_model_dir
-from xlm_core.objectives import LanguageDiscriminator
+from xlm_core.adversary import LanguageDiscriminator
 from xlm_core.tokenizer import Tokenizer, id_layout
 
 LANGS = ["en", "fr"]

@@ -7,25 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xlm_core.model import ModelConfig, XLMModel
-from xlm_core.objectives import (
-    AdversarialConfig,
-    LanguageDiscriminator,
-    MaskingConfig,
-    ObjectivesConfig,
-    adversarial_lambda,
-    adversarial_loss,
-    build_mono_batch,
-    build_tlm_batch,
-    clm_loss,
-    frequency_weights,
-    grad_reverse,
-    mask_tokens,
-    masked_mean,
-    mlm_loss,
-    tlm_loss,
-    total_loss,
-)
+from xlm_core.model import XLMModel
+from xlm_core.model_config import ModelConfig
+from xlm_core.adversary import LanguageDiscriminator, adversarial_lambda, adversarial_loss, grad_reverse, masked_mean
+from xlm_core.masking import frequency_weights, mask_tokens
+from xlm_core.objectives import build_mono_batch, build_tlm_batch, clm_loss, mlm_loss, tlm_loss, total_loss
+from xlm_core.settings import AdversarialConfig, MaskingConfig, ObjectivesConfig
 from xlm_core.special_tokens import BOS, EOS, PAD, UNK, mask_id
 
 VOCAB = 101

@@ -10,8 +10,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from xlm_core.model import ModelConfig, XLMModel
-from xlm_core.objectives import AdversarialConfig, ObjectivesConfig
+from xlm_core.model import XLMModel
+from xlm_core.model_config import ModelConfig
+from xlm_core.settings import AdversarialConfig, ObjectivesConfig
 from xlm_core.train import parallelize
 from xlm_core.train.task import PretrainTask
 from xlm_core.train.trainer import Trainer, lr_multiplier

@@ -20,7 +20,7 @@ from xlm_core.evaluation.inputs import EvalPlan
 from xlm_core.metrics import (LMScore, bitext_retrieval, causal_lm_score, center, masked_lm_score, pooled_embeddings,
                               train_linear_probe, unigram_score)
 from xlm_core.model import XLMModel
-from xlm_core.objectives import LanguageDiscriminator
+from xlm_core.adversary import LanguageDiscriminator
 
 Key = tuple[str, ...]
 Figures = dict[Key, float]

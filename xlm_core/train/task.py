@@ -6,7 +6,9 @@ from typing import Callable
 import torch
 
 from xlm_core.model import XLMModel
-from xlm_core.objectives import LanguageDiscriminator, ObjectivesConfig, total_loss
+from xlm_core.adversary import LanguageDiscriminator
+from xlm_core.objectives import total_loss
+from xlm_core.settings import ObjectivesConfig
 
 
 class PretrainTask(torch.nn.Module):
