@@ -77,8 +77,8 @@ def _check_pairs_left(plan: Plan, pair_counts: dict[tuple[str, str, str], Counts
                  f"drop_identical_pairs in params.yaml, or remove {src}-{tgt} from pairs")
 
 
-def clean(params: StageParams, raw_dir: str | Path = "data/raw", out_dir: str | Path = "data/clean",
-          metrics_path: str | Path = "metrics/clean.json", executor: Executor | None = None) -> dict:
+def clean(params: StageParams, raw_dir: str | Path, out_dir: str | Path,
+          metrics_path: str | Path, executor: Executor | None = None) -> dict:
     """Build ``out_dir`` (mono/ and para/ splits) from ``raw_dir``; write and return the metrics.
 
     ``out_dir`` is replaced as a whole only on success; on any error the previous output and metrics are untouched.

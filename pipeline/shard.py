@@ -171,8 +171,8 @@ def shard_metrics(manifests: dict[str, dict]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------- stage
-def make_shards(params, clean_dir: str | Path = "data/clean", tokenizer_dir: str | Path = "data/tokenizer",
-                out_dir: str | Path = "data/shards", metrics_path: str | Path = "metrics/shard.json",
+def make_shards(params, clean_dir: str | Path, tokenizer_dir: str | Path,
+                out_dir: str | Path, metrics_path: str | Path,
                 executor: Optional[Executor] = None) -> dict:
     """Encode every clean split into ``out_dir`` (replaced as a whole); returns the manifests by split.
 
@@ -221,7 +221,7 @@ def _write_shards(tasks: list[ShardTask], tok: Tokenizer, sp: ShardParams, token
     return results, manifests
 
 
-def check_shards(tokenizer_dir: str | Path = "data/tokenizer", out_dir: str | Path = "data/shards") -> dict[str, int]:
+def check_shards(tokenizer_dir: str | Path, out_dir: str | Path) -> dict[str, int]:
     """Verify every split's shards (sha256) and that they were made with ``tokenizer_dir``; files checked per split."""
     tok = Tokenizer.load(tokenizer_dir)
     return {split: ShardSet(Path(out_dir) / split, tokenizer=tok).verify() for split in SPLITS}

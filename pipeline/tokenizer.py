@@ -229,8 +229,8 @@ def measure(tok: Tokenizer, valid_path: Path, languages: list[str], threads: int
 
 
 # ------------------------------------------------------------------------------------------------------------- stage
-def train_tokenizer(params, clean_dir: str | Path = "data/clean", out_dir: str | Path = "data/tokenizer",
-                    metrics_path: str | Path = "metrics/tokenizer.json") -> dict:
+def train_tokenizer(params, clean_dir: str | Path, out_dir: str | Path,
+                    metrics_path: str | Path) -> dict:
     """Train the tokenizer from ``clean_dir/mono/train.parquet`` into ``out_dir``; returns the metrics written.
 
     ``params`` is ``load_params("tokenizer")``. Every check on the input runs before ``out_dir`` is touched.

@@ -568,6 +568,6 @@ def test_dvc_repro_runs_the_clean_stage(dvc_project):
 
 def test_memory_benchmark_runs_on_a_small_corpus(tmp_path):
     proc = run([sys.executable, "bench/clean_memory.py", "--size-mb", "2", "--workdir", str(tmp_path)],
-               Path(__file__).resolve().parents[1])
+               Path(__file__).resolve().parents[2])
     assert "peak RSS" in proc.stdout and "under the 500 MB budget" in proc.stdout, proc.stdout
     assert list(tmp_path.iterdir()) == []  # the corpus is removed unless --keep

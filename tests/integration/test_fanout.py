@@ -161,13 +161,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_prefect_runner_without_a_server_is_one_clear_error(tmp_path, monkeypatch):
+def test_prefect_runner_without_a_server_is_one_clear_error(tmp_path):
     """task_runner: prefect is an explicit choice: no server answering is an error, not a silent fallback."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     address = f"http://127.0.0.1:{_free_port()}/api"
-    monkeypatch.setenv("PREFECT_API_URL", address)
     params = load_params("shard", write_params(tmp_path / "params.yaml", "prefect"))
-    with pytest.raises(PipelineError, match=rf"no Prefect server answers at {address} .*set shard\.task_runner: "
-                                            "thread in params.yaml"):
+    # Prefect reads its environment once, when first imported (an earlier test may have): set the API in its settings
+    with temporary_settings(updates={PREFECT_API_URL: address}), pytest.raises(
+            PipelineError, match=rf"no Prefect server answers at {address} .*set shard\.task_runner: thread in params.yaml"):
         fanout.run_stage("shard", params.shard, lambda fan: pytest.fail("the body ran"), workers=2)
 
 

@@ -54,6 +54,8 @@ def test_the_shipped_params_validate_for_every_stage():
      "pretrain.model.d_model = 130: must be divisible by n_heads = 4"),
     (lambda d: d["pretrain"]["model"].update(positions="rotary"), "pretrain",
      "pretrain.model.positions = 'rotary': Input should be 'learned' or 'sinusoidal'"),
+    (lambda d: d["pretrain"]["adversarial"].update(layer=99), "pretrain",
+     "pretrain.adversarial.layer = 99: the model has 2 layers; use 1 to 2, or null for the middle one"),
     (lambda d: d["pretrain"]["adversarial"].update(lambda_max=float("inf")), "pretrain",
      "pretrain.adversarial.lambda_max = inf: must be a finite number >= 0"),
     (lambda d: d["pretrain"].update(objectives={"mlm": float("inf")}), "pretrain",
