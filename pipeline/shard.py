@@ -8,8 +8,8 @@ The work is a list of independent units, one per output shard: shard k of (split
 [k·rows_per_shard, (k+1)·rows_per_shard) of that clean file, in order. ``plan_shards`` lists the units,
 ``encode_shard`` does one (reads only its row range, encodes it in batches with sentencepiece's multithreaded batch
 encoder, writes the shard) and returns a small JSON-able ``ShardResult``; the results make the manifests. A unit
-depends on nothing but its inputs, so any runner (``shard.task_runner``: a thread pool or a Dask cluster, as Prefect
-tasks when a Prefect server answers; see pipeline.fanout) produces byte-identical shards, and memory stays at one
+depends on nothing but its inputs, so any runner (``shard.task_runner``: thread, dask or prefect; see
+pipeline.fanout) produces byte-identical shards, and memory stays at one
 batch per running unit whatever the corpus size. The shard format itself (schema, writer, manifest) is
 xlm_core.shards', beside its reader.
 """
