@@ -169,6 +169,10 @@ def read_yaml(path: str | Path = PARAMS_FILE) -> dict:
         raise PipelineError(f"{path}: file not found; run from the project root or pass --params PATH")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise PipelineError(f"{path}: line {line} is not valid UTF-8 (byte {exc.object[exc.start]:#04x}); save the "
+                            f"file as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -184,7 +188,7 @@ def load_params(section: str, path: str | Path = PARAMS_FILE) -> StageParams:
         raise ValueError(f"no schema for section {section!r}")  # a bug in the caller, not user input
     raw = read_yaml(path)
     known = set(SECTIONS) | set(SHARED_KEYS)
-    unknown = sorted(k for k in raw if k not in known)
+    unknown = sorted((str(k) for k in raw if k not in known))   # YAML keys may be numbers too
     if unknown:
         raise PipelineError(
             f"{path}: unknown top-level key '{unknown[0]}'; allowed: {', '.join(sorted(known))}")

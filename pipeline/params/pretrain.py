@@ -17,7 +17,7 @@ from xlm_core.settings import AdversarialConfig, MaskingConfig, check_objective_
 
 class OptimizerParams(Strict):
     lr: float = Field(default=1e-3, gt=0, le=1)
-    betas: tuple[float, float] = (0.9, 0.98)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.98)  # AdamW's
     eps: float = Field(default=1e-6, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
     clip_norm: float = Field(default=1.0, ge=0, description="0 = no clipping")

@@ -131,9 +131,9 @@ Source = Annotated[Union[UrlSource, LocalSource, PypiSource], Field(discriminato
 
 class DownloadParams(Strict):
     sources: list[Source] = Field(min_length=1)
-    timeout_s: float = Field(default=60.0, gt=0)
+    timeout_s: float = Field(default=60.0, gt=0, le=86_400)   # the socket timeout cannot be infinite
     retries: int = Field(default=5, ge=0, le=50)
-    backoff_s: float = Field(default=1.0, ge=0)
+    backoff_s: float = Field(default=1.0, ge=0, le=3_600)     # the first retry's wait; it doubles per retry
 
     @field_validator("sources")
     @classmethod

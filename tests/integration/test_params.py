@@ -54,6 +54,13 @@ def test_the_shipped_params_validate_for_every_stage():
      "pretrain.model.d_model = 130: must be divisible by n_heads = 4"),
     (lambda d: d["pretrain"]["model"].update(positions="rotary"), "pretrain",
      "pretrain.model.positions = 'rotary': Input should be 'learned' or 'sinusoidal'"),
+    (lambda d: d["pretrain"]["optimizer"].update(betas=[1.5, 0.98]), "pretrain",
+     "pretrain.optimizer.betas[0] = 1.5: Input should be less than 1"),
+    (lambda d: d["download"].update(timeout_s=float("inf")), "download",
+     "download.timeout_s = inf: Input should be less than or equal to 86400"),
+    (lambda d: d["download"].update(backoff_s=float("inf")), "download",
+     "download.backoff_s = inf: Input should be less than or equal to 3600"),
+    (lambda d: d.update({7: 1, "zz": 2}), "clean", "unknown top-level key '7'"),
     (lambda d: d["pretrain"]["adversarial"].update(layer=99), "pretrain",
      "pretrain.adversarial.layer = 99: the model has 2 layers; use 1 to 2, or null for the middle one"),
     (lambda d: d["pretrain"]["adversarial"].update(lambda_max=float("inf")), "pretrain",
@@ -68,6 +75,13 @@ def test_errors_name_key_value_and_what_is_allowed(tmp_path, mutate, section, ex
         _load(tmp_path, mutate, section)
     assert expected in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_params_that_are_not_utf8_are_one_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes((ROOT / "params.yaml").read_bytes().replace(b"languages:", b"lang\xffuages:", 1))
+    with pytest.raises(PipelineError, match=r"line \d+ is not valid UTF-8 \(byte 0xff\); save the file as UTF-8"):
+        load_params("clean", path)
 
 
 def test_a_stage_validates_only_its_own_section(tmp_path):
