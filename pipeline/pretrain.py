@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from pipeline.errors import PipelineError, disk_full_is_an_error, run_cli  # noqa: E402
 from pipeline.params import StageParams, load_params  # noqa: E402
-from pipeline.pretrain_settings import _diff, model_config, objectives_config, training_fingerprint  # noqa: E402
+from pipeline.pretrain_settings import changed_settings, model_config, objectives_config, training_fingerprint  # noqa: E402
 from xlm_core.atomic import write_json  # noqa: E402
 from xlm_core.data import PretrainLoader  # noqa: E402
 from xlm_core.embeddings_init import coverage_line, init_model_embeddings  # noqa: E402
@@ -79,7 +79,7 @@ def pretrain(params: StageParams, shards_dir: Path, tokenizer_dir: Path, checkpo
     checkpoints = CheckpointManager(checkpoints_dir, keep_last=p.keep_checkpoints, is_main=is_main, say=say)
     resume_step = checkpoints.find_resumable(fingerprint)
     if checkpoints.stale is not None:
-        changed = _diff(checkpoints.stale[1], identity) or ["(unknown)"]
+        changed = changed_settings(checkpoints.stale[1], identity) or ["(unknown)"]
         say(f"settings changed since checkpoint {checkpoints.stale[0]} ({', '.join(changed)}): starting fresh")
     if resume_step is None and p.embeddings.vectors and is_main:
         coverage = init_model_embeddings(model, p.embeddings.vectors, tokenizer, p.seed)

@@ -40,10 +40,11 @@ def training_fingerprint(params: StageParams, tokenizer_sha: str, shards_fingerp
     return hashlib.sha256(blob).hexdigest(), identity
 
 
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+def changed_settings(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two settings trees (what made a checkpoint stale)."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for key in sorted(set(old) | set(new)):
-            out += _diff(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
+            out += changed_settings(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
         return out
     return [] if old == new else [prefix]
