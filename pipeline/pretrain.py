@@ -65,7 +65,8 @@ def pretrain(params: StageParams, shards_dir: Path, tokenizer_dir: Path, checkpo
     pairs = ["-".join(pair) for pair in params.pairs]
     loader = PretrainLoader(shards_dir / "train", params.languages, pairs, dict(p.objectives), p.alpha, p.seq_len,
                             p.batch_size, mode=p.mode, seed=p.seed, rank=rank, world_size=world,
-                            accum_steps=p.accum_steps, token_budget=p.token_budget, tokenizer=tokenizer)
+                            accum_steps=p.accum_steps, token_budget=p.token_budget, tokenizer=tokenizer,
+                            tr_pairs=p.translation_ranking.pairs, tr_max_len=p.translation_ranking.max_len)
     # validation skips a language without valid rows, so a damaged valid shard must be caught here, not there
     ShardSet(shards_dir / "valid", tokenizer=tokenizer).verify()
     fingerprint, identity = training_fingerprint(params, tokenizer.sha256, loader.split.fingerprint)

@@ -8,7 +8,7 @@ from typing import Any
 
 from pipeline.params import StageParams
 from xlm_core.model_config import ModelConfig
-from xlm_core.settings import ObjectivesConfig
+from xlm_core.settings import OBJECTIVES, ObjectivesConfig
 
 # Keys of the pretrain section that change what is computed; the others (logging, checkpoint cadence, threads,
 # process count, compile) can change between a kill and a resume without invalidating the checkpoint. dvc.yaml's
@@ -26,10 +26,12 @@ def objectives_config(params: StageParams, n_layers: int) -> ObjectivesConfig:
     # The step's objective is drawn with probability ∝ its weight (as XLM alternates objectives), so each active
     # objective enters the loss with weight 1; the weights set the mix. The adversary's layer is resolved here
     # (null = the middle one) so that the run records the block it actually read.
-    active = {name: 1.0 if p.objectives.get(name, 0) > 0 else 0.0 for name in ("mlm", "tlm", "clm")}
+    active = {name: 1.0 if p.objectives.get(name, 0) > 0 else 0.0 for name in OBJECTIVES}
     return ObjectivesConfig(
-        mlm_weight=active["mlm"], tlm_weight=active["tlm"], clm_weight=active["clm"],
-        adversarial=dataclasses.replace(p.adversarial, layer=p.adversarial.layer_of(n_layers)), masking=p.masking)
+        mlm_weight=active["mlm"], tlm_weight=active["tlm"], clm_weight=active["clm"], tr_weight=active["tr"],
+        adversarial=dataclasses.replace(p.adversarial, layer=p.adversarial.layer_of(n_layers)), masking=p.masking,
+        translation_ranking=dataclasses.replace(p.translation_ranking,
+                                                layer=p.translation_ranking.layer_of(n_layers)))
 
 
 def training_fingerprint(params: StageParams, tokenizer_sha: str, shards_fingerprint: str) -> tuple[str, dict]:

@@ -1,4 +1,6 @@
-"""Training objectives: MLM, TLM, CLM and a cross-lingual adversarial loss, each (model, batch, ...) -> (loss, logs).
+"""Training objectives: MLM, TLM, CLM, translation ranking and a cross-lingual adversarial loss.
+
+Each is (model, batch, ...) -> (loss, logs).
 
 A batch is a dict of tensors, right-padded with <pad>:
     input_ids       [B, T] long
@@ -14,6 +16,7 @@ target positions (`target_index`), never over the whole [B, T, vocab].
 Layouts (XLM-R's, so exported models see what they were trained on):
     mono / CLM:  <s> a </s>                     positions 0..len+1, one language
     TLM:         <s> a </s> </s> b </s>         positions restart at 0 on the second </s>; language ids per segment
+    TR:          rows 0..N-1 `<s> a_i </s>`, rows N..2N-1 `<s> b_i </s>` (each side alone, one forward for both)
 """
 from __future__ import annotations
 
@@ -23,9 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from xlm_core.adversary import adversarial_lambda, adversarial_loss
+from xlm_core.adversary import adversarial_lambda, adversarial_loss, masked_mean
 from xlm_core.masking import mask_tokens
-from xlm_core.settings import MaskingConfig, ObjectivesConfig
+from xlm_core.settings import MaskingConfig, ObjectivesConfig, TranslationRankingConfig
 from xlm_core.special_tokens import BOS, EOS, PAD
 
 Batch = Mapping[str, torch.Tensor]
@@ -112,6 +115,20 @@ def build_tlm_batch(src_ids: Sequence[Sequence[int]], tgt_ids: Sequence[Sequence
     return batch
 
 
+def build_dual_batch(src_ids: Sequence[Sequence[int]], tgt_ids: Sequence[Sequence[int]],
+                     src_lang: Union[int, Sequence[int]], tgt_lang: Union[int, Sequence[int]], max_len: int
+                     ) -> dict[str, torch.Tensor]:
+    """Translation-ranking input: the N sources then the N targets, each `<s> ids </s>` alone (cut to max_len).
+
+    One forward encodes both sides with the same weights (a dual encoder with shared parameters, as LaBSE).
+    """
+    if len(src_ids) != len(tgt_ids) or len(src_ids) < 2:
+        raise ValueError(f"build_dual_batch: {len(src_ids)} sources for {len(tgt_ids)} targets (need >= 2 pairs)")
+    n = len(src_ids)
+    langs = _per_row(src_lang, n, "src_lang") + _per_row(tgt_lang, n, "tgt_lang")
+    return build_mono_batch(list(src_ids) + list(tgt_ids), langs, max_len)
+
+
 # ----------------------------------------------------------------------------------------------------- MLM, TLM, CLM
 def _to_floats(prefix: str, **values: torch.Tensor) -> Logs:
     """One device sync for all figures of a loss."""
@@ -164,20 +181,49 @@ def clm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Logs]:
     return loss, _to_floats("clm", loss=loss, accuracy=accuracy, perplexity=loss.detach().exp())
 
 
+def translation_ranking_loss(model: nn.Module, batch: Batch, cfg: TranslationRankingConfig
+                             ) -> tuple[torch.Tensor, Logs]:
+    """Symmetric InfoNCE over in-batch negatives on a `build_dual_batch` batch (rows: N sources, then N targets).
+
+    Each side is mean-pooled over its real tokens at ``cfg.layer`` (null: the last), L2-normalised; the cosine of the
+    true pair minus ``cfg.margin`` competes with the pair's N - 1 others at temperature ``cfg.temperature``, in both
+    directions (source -> targets, target -> sources). Logs tr_loss and tr_accuracy (in-batch top-1, both ways).
+    """
+    input_ids = batch["input_ids"]
+    if input_ids.shape[0] % 2 or input_ids.shape[0] < 4:
+        raise ValueError(f"translation ranking: {input_ids.shape[0]} rows; expected N sources then N targets, N >= 2")
+    layer = cfg.layer_of(model.config.n_layers)
+    attention_mask = batch.get("attention_mask")
+    out = model(input_ids, lang_ids=batch.get("lang_ids"), attention_mask=attention_mask, causal=False,
+                return_layer=layer)
+    pooled = F.normalize(masked_mean(out.layer_hidden, attention_mask).float(), dim=-1)
+    n = pooled.shape[0] // 2
+    similarity = pooled[:n] @ pooled[n:].T                                  # [N, N], true pairs on the diagonal
+    similarity = similarity - cfg.margin * torch.eye(n, device=similarity.device)
+    logits = similarity / cfg.temperature
+    labels = torch.arange(n, device=logits.device)
+    loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    accuracy = 0.5 * ((logits.detach().argmax(1) == labels).float().mean()
+                      + (logits.detach().argmax(0) == labels).float().mean())
+    logs = _to_floats("tr", loss=loss, accuracy=accuracy)
+    logs["tr_pairs"] = float(n)
+    return loss, logs
+
+
 # ------------------------------------------------------------------------------------------------------------ total
 def total_loss(model: nn.Module, batches: Mapping[str, Batch], cfg: ObjectivesConfig, generator: torch.Generator,
                step: int = 0, discriminator: Optional[nn.Module] = None,
                target_weights: Optional[torch.Tensor] = None,
                language_names: Optional[Sequence[str]] = None) -> tuple[torch.Tensor, Logs]:
-    """Weighted sum of the objectives whose batch is given this step ("mlm", "tlm", "clm") and whose weight > 0.
+    """Weighted sum of the objectives whose batch is given this step ("mlm", "tlm", "clm", "tr") with weight > 0.
 
     The adversarial term rides on the "mlm" batch (one language per sequence, batch["lang_ids"] of shape [B]): the
     same forward returns layer `adversarial.layer` (null: the middle one), so it costs one pooled mean and a small MLP. When it is off,
     nothing extra is computed.
     """
-    unknown = sorted(set(batches) - {"mlm", "tlm", "clm"})
+    unknown = sorted(set(batches) - {"mlm", "tlm", "clm", "tr"})
     if unknown:
-        raise ValueError(f"total_loss: unknown batch kind(s) {unknown}; expected mlm, tlm, clm")
+        raise ValueError(f"total_loss: unknown batch kind(s) {unknown}; expected mlm, tlm, clm, tr")
     adversarial = cfg.adversarial_enabled and "mlm" in batches and cfg.mlm_weight > 0
     if adversarial and discriminator is None:
         raise ValueError("adversarial.weight > 0 needs a LanguageDiscriminator: pass discriminator=")
@@ -193,10 +239,13 @@ def total_loss(model: nn.Module, batches: Mapping[str, Batch], cfg: ObjectivesCo
         if adversarial:
             if "lang_ids" not in batch:
                 raise ValueError("the adversarial loss needs batch['lang_ids'] (the language of each sequence)")
-            coefficient = adversarial_lambda(step, cfg.adversarial.warmup_steps, cfg.adversarial.lambda_max)
+            # Separate strengths: the discriminator learns from weight × its loss; the encoder must receive -λ × the
+            # loss's gradient, so the reversal scales by λ / weight (the loss's weight multiplies it back).
+            strength = adversarial_lambda(step, cfg.adversarial.warmup_steps, cfg.adversarial.lambda_max)
             adv, adv_logs = adversarial_loss(discriminator, out.layer_hidden, batch.get("attention_mask"),
-                                             batch["lang_ids"], coefficient, language_names)
+                                             batch["lang_ids"], strength / cfg.adversarial.weight, language_names)
             parts.append(cfg.adversarial.weight * adv)
+            adv_logs["adv_lambda"] = strength
             logs.update(adv_logs)
     if cfg.tlm_weight > 0 and "tlm" in batches:
         loss, part_logs = tlm_loss(model, batches["tlm"], cfg.masking, generator, target_weights)
@@ -206,9 +255,13 @@ def total_loss(model: nn.Module, batches: Mapping[str, Batch], cfg: ObjectivesCo
         loss, part_logs = clm_loss(model, batches["clm"])
         parts.append(cfg.clm_weight * loss)
         logs.update(part_logs)
+    if cfg.tr_weight > 0 and "tr" in batches:
+        loss, part_logs = translation_ranking_loss(model, batches["tr"], cfg.translation_ranking)
+        parts.append(cfg.tr_weight * loss)
+        logs.update(part_logs)
     if not parts:
         raise ValueError(f"total_loss: no objective to compute from batches {sorted(batches)} with weights "
-                         f"mlm={cfg.mlm_weight}, tlm={cfg.tlm_weight}, clm={cfg.clm_weight}")
+                         f"mlm={cfg.mlm_weight}, tlm={cfg.tlm_weight}, clm={cfg.clm_weight}, tr={cfg.tr_weight}")
     total = torch.stack(parts).sum()
     logs["loss"] = float(total.detach())
     return total, logs

@@ -14,7 +14,7 @@ from pydantic import ConfigDict
 
 from xlm_core.model_config import default_layer
 
-OBJECTIVES = ("mlm", "tlm", "clm")
+OBJECTIVES = ("mlm", "tlm", "clm", "tr")   # tr: translation ranking on the TLM pairs
 
 
 def _probability(owner: str, name: str, value: float) -> None:
@@ -47,11 +47,16 @@ class MaskingConfig:
 
 @dataclass(frozen=True)
 class AdversarialConfig:
-    """The language discriminator behind a gradient reversal (weight 0 or lambda_max 0 = off, at no cost)."""
+    """The language discriminator behind a gradient reversal (weight 0 or lambda_max 0 = off, at no cost).
+
+    The two players get separate strengths: the discriminator learns from its loss × ``weight``; the encoder receives
+    the reversed gradient scaled by λ itself (``lambda_max`` once warmed up), not by weight × λ. With a single scale
+    (weight 0.05, λ 0.1) the encoder got 0.005 of the gradient and the adversary did nothing.
+    """
     __pydantic_config__ = ConfigDict(extra="forbid")
 
-    weight: float = 0.0             # weight of its loss in the total
-    lambda_max: float = 1.0         # strength of the gradient reversal once warmed up
+    weight: float = 0.0             # the discriminator's loss weight (its own learning signal)
+    lambda_max: float = 1.0         # the encoder's reversed-gradient strength once warmed up (absolute)
     warmup_steps: int = 200         # λ grows linearly from 0 over this many steps
     layer: Optional[int] = None     # pooled hidden states after this block; null = the middle one
     hidden: int = 256               # width of the discriminator's hidden layer
@@ -91,17 +96,55 @@ def check_objective_weights(weights: Mapping[str, float]) -> Mapping[str, float]
 
 
 @dataclass(frozen=True)
+class TranslationRankingConfig:
+    """Translation ranking (LaBSE's dual encoder; InfoXLM's cross-lingual contrast) on the parallel pairs.
+
+    Each side of a pair is encoded alone (`<s> a </s>`), mean-pooled at ``layer``; a symmetric InfoNCE over the other
+    pairs of the micro-batch as negatives pulls translations together. Many short pairs per step give the negatives
+    that make ranking hard on a CPU budget: a side is cut to ``max_len`` tokens.
+    """
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    pairs: int = 128                # pairs per step (all ranks together): each pair's negatives are the others
+    max_len: int = 48               # tokens per side, <s> and </s> included
+    temperature: float = 0.05       # softmax temperature of the cosine similarities
+    margin: float = 0.0             # additive margin subtracted from the true pair's cosine (LaBSE: 0.3)
+    layer: Optional[int] = None     # pooled hidden states after this block; null = the last one
+
+    def __post_init__(self) -> None:
+        if self.pairs < 2:
+            raise ValueError(f"TranslationRankingConfig.pairs = {self.pairs!r}: needs >= 2 (the others are negatives)")
+        if self.max_len < 3:
+            raise ValueError(f"TranslationRankingConfig.max_len = {self.max_len!r}: needs >= 3 (<s>, a piece, </s>)")
+        if not (math.isfinite(self.temperature) and 0 < self.temperature <= 1):
+            raise ValueError(f"TranslationRankingConfig.temperature = {self.temperature!r}: must be in (0, 1]")
+        if not (math.isfinite(self.margin) and 0 <= self.margin < 1):
+            raise ValueError(f"TranslationRankingConfig.margin = {self.margin!r}: must be in [0, 1)")
+        if self.layer is not None and self.layer < 0:
+            raise ValueError(f"TranslationRankingConfig.layer = {self.layer!r}: must be a layer >= 0 (or null)")
+
+    def layer_of(self, n_layers: int) -> int:
+        """The layer pooled in a model of ``n_layers`` blocks (0 = embeddings)."""
+        layer = n_layers if self.layer is None else self.layer
+        if layer > n_layers:
+            raise ValueError(f"TranslationRankingConfig.layer = {layer}: the model has {n_layers} layers")
+        return layer
+
+
+@dataclass(frozen=True)
 class ObjectivesConfig:
     """What `total_loss` computes: the weight of each objective's loss, the adversary and the masking."""
     mlm_weight: float = 1.0
     tlm_weight: float = 0.0
     clm_weight: float = 0.0
+    tr_weight: float = 0.0
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
+    translation_ranking: TranslationRankingConfig = field(default_factory=TranslationRankingConfig)
 
     def __post_init__(self) -> None:
         check_objective_weights({"mlm_weight": self.mlm_weight, "tlm_weight": self.tlm_weight,
-                                 "clm_weight": self.clm_weight})
+                                 "clm_weight": self.clm_weight, "tr_weight": self.tr_weight})
 
     @property
     def adversarial_enabled(self) -> bool:
@@ -117,7 +160,8 @@ class ObjectivesConfig:
         if unknown:
             raise ValueError(f"ObjectivesConfig: unknown field(s) {unknown}; allowed: {', '.join(sorted(known))}")
         data = dict(data)
-        for name, kind in (("adversarial", AdversarialConfig), ("masking", MaskingConfig)):
+        for name, kind in (("adversarial", AdversarialConfig), ("masking", MaskingConfig),
+                           ("translation_ranking", TranslationRankingConfig)):
             if isinstance(data.get(name), Mapping):
                 data[name] = kind(**data[name])
         return cls(**data)

@@ -12,7 +12,8 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from pipeline.params.base import LangCode, Strict
 from xlm_core.model_config import ModelSpec
-from xlm_core.settings import AdversarialConfig, MaskingConfig, check_objective_weights, seq_len_doublings
+from xlm_core.settings import (AdversarialConfig, MaskingConfig, TranslationRankingConfig, check_objective_weights,
+                               seq_len_doublings)
 
 
 class OptimizerParams(Strict):
@@ -45,11 +46,12 @@ class PretrainParams(Strict):
     accum_steps: int = Field(default=1, ge=1)
     mode: Literal["stream", "sentence"] = "stream"
     token_budget: Optional[int] = Field(default=None, ge=8, description="sentence mode: tokens per batch")
-    objectives: Annotated[dict[Literal["mlm", "tlm", "clm"], float],
+    objectives: Annotated[dict[Literal["mlm", "tlm", "clm", "tr"], float],
                           AfterValidator(check_objective_weights)] = {"mlm": 1.0}
     alpha: float = Field(default=0.5, gt=0, le=1, description="language sampling exponent q_i ∝ p_i^alpha")
     masking: MaskingConfig = MaskingConfig()
     adversarial: AdversarialConfig = AdversarialConfig()
+    translation_ranking: TranslationRankingConfig = TranslationRankingConfig()
     optimizer: OptimizerParams = OptimizerParams()
     embeddings: EmbeddingsParams = EmbeddingsParams()
     steps: int = Field(default=1000, ge=1)
@@ -86,6 +88,20 @@ class PretrainParams(Strict):
             except ValueError:
                 raise ValueError(f"adversarial.layer = {self.adversarial.layer}: the model has {n_layers} layers; "
                                  f"use 1 to {n_layers}, or null for the middle one") from None
+        return self
+
+    @model_validator(mode="after")
+    def _translation_ranking_layer_exists(self):
+        if self.objectives.get("tr", 0) > 0:
+            n_layers = self.model.config(vocab_size=16, n_languages=1).n_layers
+            try:
+                self.translation_ranking.layer_of(n_layers)
+            except ValueError:
+                raise ValueError(f"translation_ranking.layer = {self.translation_ranking.layer}: the model has "
+                                 f"{n_layers} layers; use 0 to {n_layers}, or null for the last one") from None
+            if self.translation_ranking.pairs < 2 * self.accum_steps * self.nproc:
+                raise ValueError(f"translation_ranking.pairs = {self.translation_ranking.pairs}: needs >= 2 pairs per "
+                                 f"micro-batch ({self.accum_steps * self.nproc} per step); raise it")
         return self
 
     @model_validator(mode="after")

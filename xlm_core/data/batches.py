@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from xlm_core.data.seeds import chunk_seed
-from xlm_core.objectives import build_mono_batch, build_tlm_batch
+from xlm_core.objectives import build_dual_batch, build_mono_batch, build_tlm_batch
 from xlm_core.special_tokens import BOS, PAD
 
 
@@ -31,7 +31,7 @@ def pair_item_length(src: np.ndarray, tgt: np.ndarray, seq_len: int) -> int:
 class Batch:
     """One micro-batch (chunk ``chunk`` of step ``step``'s global batch); padding is ``PAD`` in ``input_ids``."""
 
-    objective: str                          # "mlm" | "tlm" | "clm"
+    objective: str                          # "mlm" | "tlm" | "clm" | "tr"
     key: str                                # language ("en") or pair ("en-fr")
     input_ids: torch.Tensor                 # LongTensor [B, T]
     lang_ids: torch.Tensor                  # LongTensor [B, T], index into the loader's `languages`
@@ -112,3 +112,11 @@ def pair_batch(key: str, pairs: Sequence[tuple[np.ndarray, np.ndarray]], src_lan
     built = build_tlm_batch([p[0].tolist() for p in pairs], [p[1].tolist() for p in pairs], list(src_langs),
                             list(tgt_langs), seq_len)
     return _make_batch("tlm", key, built["input_ids"], built["lang_ids"], built["position_ids"], seed, step, chunk)
+
+
+def dual_batch(key: str, pairs: Sequence[tuple[np.ndarray, np.ndarray]], src_langs: Sequence[int],
+               tgt_langs: Sequence[int], max_len: int, seed: int, step: int, chunk: int) -> Batch:
+    """Translation ranking: the chunk's N sources, then its N targets, each side alone (build_dual_batch)."""
+    built = build_dual_batch([p[0].tolist() for p in pairs], [p[1].tolist() for p in pairs], list(src_langs),
+                             list(tgt_langs), max_len)
+    return _make_batch("tr", key, built["input_ids"], built["lang_ids"], None, seed, step, chunk)

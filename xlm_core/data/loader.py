@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 
-from xlm_core.data.batches import (Batch, block_batch, pair_batch, pair_item_length, sentence_batch,
+from xlm_core.data.batches import (Batch, block_batch, dual_batch, pair_batch, pair_item_length, sentence_batch,
                                   sentence_item_length, with_bos)
-from xlm_core.data.schedule import MONO_OBJECTIVES, OBJECTIVES, StepPlan, StepSchedule, sampling_probs
+from xlm_core.data.schedule import (MONO_OBJECTIVES, OBJECTIVES, PARA_OBJECTIVES, StepPlan, StepSchedule,
+                                    sampling_probs)
 from xlm_core.data.split import DataError, open_split, require_tokens
 from xlm_core.data.streams import LengthPool, MonoStream, ParaStream, ShardStream
 from xlm_core.settings import check_objective_weights
@@ -46,7 +47,8 @@ class PretrainLoader:
 
     ``batch_size`` is the global number of sequences per step (stream mode, a multiple of world_size x accum_steps);
     sentence mode uses ``token_budget`` padded tokens per global batch instead. ``objectives`` maps mlm/tlm/clm to
-    weights. ``split_dir`` is the train shard folder (data/shards/train).
+    weights. ``split_dir`` is the train shard folder (data/shards/train). A translation-ranking ("tr") step takes
+    ``tr_pairs`` pairs (global), each side cut to ``tr_max_len`` tokens.
     """
 
     def __init__(self, split_dir: Union[str, Path], languages: Sequence[str],
@@ -54,7 +56,7 @@ class PretrainLoader:
                  seq_len: int, batch_size: int, mode: str = "stream", seed: int = 0, rank: int = 0,
                  world_size: int = 1, accum_steps: int = 1, token_budget: Optional[int] = None, prefetch: int = 2,
                  pool_sentences: int = 4096, pin_memory: Optional[bool] = None, read_ahead: bool = True,
-                 tokenizer: Optional["Tokenizer"] = None):
+                 tokenizer: Optional["Tokenizer"] = None, tr_pairs: int = 128, tr_max_len: int = 48):
         self.languages = list(languages)
         self.pairs = _normalise_pairs(pairs)
         self.seq_len, self.batch_size, self.mode, self.seed = int(seq_len), int(batch_size), mode, int(seed)
@@ -62,6 +64,7 @@ class PretrainLoader:
         self.n_chunks = self.world_size * self.accum_steps
         self.token_budget, self.pool_sentences = token_budget, int(pool_sentences)
         self.prefetch = int(prefetch)
+        self.tr_pairs, self.tr_max_len = int(tr_pairs), int(tr_max_len)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.read_ahead = read_ahead
         self._executor: Optional[ThreadPoolExecutor] = None
@@ -74,10 +77,15 @@ class PretrainLoader:
         lang_probs, pair_probs = {}, {}
         if any(o in weights for o in MONO_OBJECTIVES):
             lang_probs = sampling_probs(require_tokens(split.lang_tokens, self.languages, "languages", split), alpha)
-        if "tlm" in weights:
+        para = [o for o in PARA_OBJECTIVES if o in weights]
+        if para:
             if not self.pairs:
-                raise DataError("objectives: tlm has weight > 0 but pairs is empty; list pairs (e.g. [en-fr]) or "
-                                "set the tlm weight to 0")
+                raise DataError(f"objectives: {' and '.join(para)} {'has' if len(para) == 1 else 'have'} weight > 0 "
+                                f"but pairs is empty; list pairs (e.g. [en-fr]) or set "
+                                f"{' and '.join(para)} to 0")
+            if "tr" in weights and self.tr_pairs < 2 * self.n_chunks:
+                raise DataError(f"translation_ranking.pairs = {self.tr_pairs}: needs >= 2 pairs per micro-batch "
+                                f"({self.n_chunks} micro-batches per step); raise it")
             pair_probs = sampling_probs(require_tokens(split.pair_tokens, self.pairs, "pairs", split), alpha)
         self.schedule = StepSchedule(self.seed, weights, lang_probs, pair_probs)
 
@@ -212,6 +220,8 @@ class PretrainLoader:
         plan = self.schedule.draw(step)
         if plan.objective == "tlm":
             batches = self._tlm_step(plan)
+        elif plan.objective == "tr":
+            batches = self._tr_step(plan)
         else:
             batches = self._mono_step(plan)
         if self.pin_memory:
@@ -257,6 +267,14 @@ class PretrainLoader:
             out.append(pair_batch(plan.key, pairs, [b if flip[i] else a for i in idx],
                                    [a if flip[i] else b for i in idx], self.seq_len, self.seed, plan.step, g))
         return out
+
+    def _tr_step(self, plan: StepPlan) -> list[Batch]:
+        stream = self._para[plan.key]
+        items = [stream.next_pair() for _ in range(self.tr_pairs)]
+        a, b = (self._lang_index[x] for x in plan.key.split("-"))
+        chunks = self._split(items)   # each micro-batch ranks within itself: its pairs are each other's negatives
+        return [dual_batch(plan.key, chunks[g], [a] * len(chunks[g]), [b] * len(chunks[g]), self.tr_max_len,
+                           self.seed, plan.step, g) for g in self._own_chunks()]
 
     # -- iteration and the prefetch thread
     def __iter__(self) -> "PretrainLoader":

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from xlm_core.data.seeds import step_rng
+from xlm_core.settings import OBJECTIVES
 
-OBJECTIVES = ("mlm", "tlm", "clm")
 MONO_OBJECTIVES = ("mlm", "clm")
+PARA_OBJECTIVES = ("tlm", "tr")   # drawn over pairs: TLM's concatenation, translation ranking's two encodings
 
 
 def sampling_probs(token_counts: dict[str, int], alpha: float) -> dict[str, float]:
@@ -49,7 +50,7 @@ class StepSchedule:
     seed: int
     objective_weights: dict[str, float]          # only objectives with weight > 0
     lang_probs: dict[str, float]                 # MLM/CLM
-    pair_probs: dict[str, float] = field(default_factory=dict)   # TLM
+    pair_probs: dict[str, float] = field(default_factory=dict)   # TLM and translation ranking
 
     def __post_init__(self):
         objectives = {o: self.objective_weights[o] for o in OBJECTIVES if self.objective_weights.get(o, 0) > 0}
@@ -59,5 +60,5 @@ class StepSchedule:
     def draw(self, step: int) -> StepPlan:
         rng = step_rng(self.seed, step)
         objective = self._choices["objective"].pick(rng)
-        key = self._choices["para" if objective == "tlm" else "mono"].pick(rng)
+        key = self._choices["para" if objective in PARA_OBJECTIVES else "mono"].pick(rng)
         return StepPlan(step=step, objective=objective, key=key, rng=rng)

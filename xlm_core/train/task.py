@@ -47,7 +47,7 @@ def micro_batch_loss(row_length: Callable[[int], int]) -> Callable:
     """
     def loss_fn(module: torch.nn.Module, batch):
         torch.manual_seed(batch.chunk_seed ^ 0x5EED)  # dropout draws: per chunk, stateless
-        if batch.objective != "tlm":  # a pair is one unit: TLM rows keep their length
+        if batch.objective in ("mlm", "clm"):  # stream-mode rows; a pair (TLM, TR) is one unit and keeps its length
             batch = batch.cut_rows(row_length(batch.step))
         return module(batch.model_inputs(), batch.objective, batch.chunk_seed, batch.step)
 
