@@ -9,13 +9,18 @@ the runner or on execution order:
    (``pipeline.cleaning.filters``), split by id.
 2. ``dedup.dedup_language`` per language: exact de-duplication across that language's sources (first occurrence
    wins, in source order), and the keys of the language's valid/test texts.
-3. ``mono.write_mono``: drop training rows whose text is any valid/test text of any language (``leak``), write the
-   mono splits, and load the parallel sources' final segments into an on-disk id index.
+3. ``mono.write_mono``: drop training rows whose text is any valid/test text of any language (``leak``) or an
+   evaluation-suite text of the same language (``decontaminated``, with ``clean.decontaminate``), write the mono
+   splits, and load the parallel sources' final segments into an on-disk id index.
 4. ``pairs.join_pair`` per configured pair and parallel source: join on id, apply the pair filters;
    ``pairs.write_pairs`` appends the units' rows to the para splits in plan order.
 
+Before them, the ``role: eval`` sources become the evaluation suites, ``eval/suites.parquet``
+(``pipeline.cleaning.eval_suites``, written only through ``xlm_core.evaluation.suite_file``, always, rows or not): they
+are small and read in this process, so their texts' keys are ready for step 3 whatever the runner.
+
 Each step counts rows in, drops per reason (a filter's name) and rows out (``pipeline.cleaning.counts``), which
-become metrics/clean.json.
+become metrics/clean.json (the eval sources under ``eval``).
 
 Memory stays flat in corpus size: rows stream in small batches (outputs are written in row groups of
 ``clean.batch_rows``), de-duplication keys and the pair join live in scratch sqlite files, and only the keys of
@@ -43,6 +48,7 @@ import numpy as np
 
 from pipeline.cleaning.counts import Counts, metrics_json, sum_counts
 from pipeline.cleaning.dedup import dedup_language
+from pipeline.cleaning.eval_suites import build_eval_suites
 from pipeline.cleaning.filters import PAIR_FILTERS
 from pipeline.cleaning.mono import write_mono
 from pipeline.cleaning.pairs import SegmentStore, write_pairs
@@ -52,6 +58,7 @@ from pipeline.errors import disk_full_is_an_error, fail, run_cli
 from pipeline.fanout import FanOut, run_stage
 from pipeline.params import PARAMS_FILE, CleanParams, StageParams, load_params
 from xlm_core.atomic import atomic_dir, write_json
+from xlm_core.evaluation.suite_file import SUITES_FILE, write_suites
 
 
 # ------------------------------------------------------------------------------------------------------ the stage
@@ -106,6 +113,10 @@ def clean(params: StageParams, raw_dir: str | Path, out_dir: str | Path,
 
 def _run(fan: FanOut, params: StageParams, plan: Plan, work: Path, out_dir: Path) -> dict:
     cfg: CleanParams = params.clean
+    # The evaluation suites first: step 3 decontaminates the training text against their texts.
+    evals = build_eval_suites(plan.eval_sources, cfg)
+    (out_dir / "eval").mkdir()
+    write_suites(out_dir / "eval" / SUITES_FILE, evals.suites)
     # Step 1: independent units, one per raw file.
     raws = [replace(raw, path=raw.path.absolute()) for raw in plan.files]
     cleaned = fan.map(clean_file, [(raw, cfg, work / f"{raw.source}.{raw.lang}.parquet") for raw in raws],
@@ -120,7 +131,7 @@ def _run(fan: FanOut, params: StageParams, plan: Plan, work: Path, out_dir: Path
     # Step 3 needs every language's valid/test keys, and writes the mono files in plan order: one sequential pass.
     store = SegmentStore(work / "pairs.sqlite")
     try:
-        write_mono(files, heldout, out_dir, cfg, store, plan)
+        write_mono(files, heldout, out_dir, cfg, store, plan, evals.keys)
         _check_languages_left(params.languages, files, lambda c: sum(c.rows_out))
         store.finish()
     finally:
@@ -128,7 +139,7 @@ def _run(fan: FanOut, params: StageParams, plan: Plan, work: Path, out_dir: Path
     # Step 4: independent units, one per pair and parallel source, reading the finished store.
     pair_counts = write_pairs(fan, plan, work / "pairs.sqlite", work, out_dir, cfg)
     _check_pairs_left(plan, pair_counts)
-    return metrics_json(files, pair_counts, params)
+    return metrics_json(files, pair_counts, params, evals.metrics)
 
 
 def _report(metrics: dict, seconds: float) -> None:
@@ -141,6 +152,9 @@ def _report(metrics: dict, seconds: float) -> None:
     for pair, c in metrics["pairs"].items():
         drops = ", ".join(f"{k} {v}" for k, v in c["dropped"].items() if v) or "none"
         print(f"  {pair}: {c['rows_in']} aligned, out {c['rows_out']}, dropped: {drops}", file=sys.stderr)
+    for source, c in metrics["eval"].items():
+        suites = ", ".join(f"{pair} {p['rows_out']['eval']}" for pair, p in c["pairs"].items())
+        print(f"  eval suite {source}: {suites} pairs", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,8 +54,9 @@ def sum_counts(results: Sequence["FileResult"]) -> Counts:
 
 
 def metrics_json(files: Sequence["FileResult"], pair_counts: dict[tuple[str, str, str], Counts],
-            params: StageParams) -> dict:
-    """metrics/clean.json: per language, pair, source (its languages and pairs) and in total."""
+                 params: StageParams, eval_sources: dict | None = None) -> dict:
+    """metrics/clean.json: per language, pair, training source (its languages and pairs) and in total; the eval
+    sources' counts (``pipeline.cleaning.eval_suites``) under ``eval``, apart: they are not training text."""
     languages = {lang: Counts(LANG_FILTERS) for lang in params.languages}
     pairs = {f"{s}-{t}": Counts(PAIR_FILTERS) for s, t in params.pairs}
     sources: dict[str, dict] = {}
@@ -73,4 +74,5 @@ def metrics_json(files: Sequence["FileResult"], pair_counts: dict[tuple[str, str
     return {"languages": {k: c.to_json() for k, c in languages.items()},
             "pairs": {k: c.to_json() for k, c in pairs.items()},
             "sources": sources,
-            "totals": {"mono": mono.to_json(), "para": para.to_json()}}
+            "totals": {"mono": mono.to_json(), "para": para.to_json()},
+            "eval": eval_sources or {}}

@@ -11,9 +11,10 @@ from xlm_core.cleaning.filters import (LengthRatio, MaxChars, MinChars, NotEmpty
 from xlm_core.text import expected_scripts
 
 # Every reason a language's row can be dropped for, in the order they apply (decoding, the segment filters, then
-# step 2's ``duplicate`` and step 3's ``leak``); a pair row also has the pair filters. metrics/clean.json lists them
-# in this order, zeros included.
-LANG_FILTERS = ("invalid_utf8", "nul", "malformed", "empty", "too_short", "too_long", "script", "duplicate", "leak")
+# step 2's ``duplicate`` and step 3's ``leak`` and ``decontaminated``); a pair row also has the pair filters.
+# metrics/clean.json lists them in this order, zeros included.
+LANG_FILTERS = ("invalid_utf8", "nul", "malformed", "empty", "too_short", "too_long", "script", "duplicate", "leak",
+                "decontaminated")
 PAIR_FILTERS = (*LANG_FILTERS, "ratio", "identical")
 
 

@@ -26,6 +26,8 @@ class CleanParams(Strict):
     script_check: bool = True
     min_script_fraction: float = Field(default=0.5, ge=0, le=1)
     dedup: bool = True
+    # drop training segments whose text is an evaluation-suite text of the same language (role: eval sources)
+    decontaminate: bool = True
     split: SplitFractions = SplitFractions()
     split_salt: str = "xlm-pipeline"
     batch_rows: int = Field(default=50_000, ge=100)

@@ -376,8 +376,10 @@ def test_outputs_follow_the_data_layout(tmp_path):
     _rich_corpus(raw)
     _, out = run_clean(tmp_path, params_for(tmp_path, ["en", "fr", "ru"], ["en-fr", "fr-ru"]), raw)
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "eval", "eval/suites.parquet",  # always written, with no rows when no source has role eval
         "mono", "mono/test.parquet", "mono/train.parquet", "mono/valid.parquet",
         "para", "para/test.parquet", "para/train.parquet", "para/valid.parquet"]
+    assert pq.read_table(out / "eval" / "suites.parquet").num_rows == 0
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no scratch left behind
     for kind, names in (("mono", ["id", "lang", "text"]), ("para", ["id", "src_lang", "tgt_lang", "src", "tgt"])):
         for split in SPLITS:
@@ -414,7 +416,7 @@ def test_two_runs_write_identical_bytes(tmp_path):
     run_clean(tmp_path, params, raw, "a")
     run_clean(tmp_path, params, raw, "b")
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.parquet"))
-    assert len(files) == 6
+    assert len(files) == 7  # mono and para splits, eval/suites.parquet
     for rel in files:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
     assert (tmp_path / "a-metrics.json").read_bytes() == (tmp_path / "b-metrics.json").read_bytes()
@@ -489,7 +491,8 @@ def test_cli_writes_the_default_paths(cli_project):
     # the same bytes as the in-process run: data/clean replaced as a whole, metrics written again
     assert _tree_digest(cli_project / "data" / "clean", cli_project / "metrics" / "clean.json") == previous
     metrics = json.loads((cli_project / "metrics" / "clean.json").read_text())
-    assert set(metrics) == {"languages", "pairs", "sources", "totals"}
+    assert set(metrics) == {"languages", "pairs", "sources", "totals", "eval"}
+    assert metrics["eval"] == {}  # no source has role eval
     assert metrics["pairs"]["en-fr"]["rows_in"] == 60
     text = (cli_project / "metrics" / "clean.json").read_text()
     assert text == json.dumps(metrics, indent=2, sort_keys=True, ensure_ascii=False) + "\n"  # sorted, stable
