@@ -4,27 +4,29 @@
     unigram_floor(plan, settings, vocab_size)                             -> figures of the best context-free guess
 
 Pure functions of their inputs: nothing is read from files but the plan's test shards, nothing passed in is changed.
-``progress`` (optional) hears when each job (a language, a pair, the bitexts, a suite) starts and ends.
+``progress`` (optional) hears when each job (a language, a pair, the bitexts, a suite, the probes) starts and ends.
+The out-of-domain suites are scored by the very function that scores the test split's bitexts, with the same settings.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 import torch
 
 from xlm_core.data import iter_eval_batches
-from xlm_core.evaluation.inputs import EvalPlan
-from xlm_core.metrics import (LMScore, bitext_retrieval, causal_lm_score, center, masked_lm_score, pooled_embeddings,
+from xlm_core.evaluation.inputs import Bitext, EvalPlan
+from xlm_core.evaluation.probes import score_probes
+from xlm_core.metrics import (LMScore, RetrievalResult, bitext_retrieval, causal_lm_score, center, masked_lm_score, pooled_embeddings,
                               train_linear_probe, unigram_score)
 from xlm_core.model import XLMModel
 from xlm_core.adversary import LanguageDiscriminator
 
 Key = tuple[str, ...]
 Figures = dict[Key, float]
-Counts = dict[Key, int]
+Counts = dict[Key, Any]   # what a figure was measured on (int), and facts beside it: chance, layer, notes
 # Figures that get a "mean" over their languages/pairs/directions; perplexities average geometrically.
 AVERAGED = ("mlm_accuracy", "mlm_perplexity", "tlm_accuracy", "clm_perplexity", "retrieval_accuracy")
 
@@ -78,9 +80,20 @@ def score_model(model: XLMModel, discriminator: Optional[LanguageDiscriminator],
     progress.start("retrieval")
     bitexts = _score_bitexts(embed, plan, settings)
     progress.done()
+    progress.start("out-of-domain")
+    ood = _score_out_of_domain(embed, plan, settings)
+    progress.done()
     suites = _score_suites(embed, plan, settings, progress)
-    return Scores(figures=with_means({**lm.figures, **bitexts.figures, **suites.figures}),
-                  counts={**lm.counts, **bitexts.counts, **suites.counts})
+    probes = Scores({}, {})
+    if plan.probes is not None:
+        progress.start("probes")
+        probes = Scores(*score_probes(embed, plan.probes, settings))
+        progress.done()
+    figures = with_means({**lm.figures, **bitexts.figures, **ood.figures, **suites.figures, **probes.figures})
+    if ("retrieval_accuracy", "mean") in figures:   # the in-domain figure the out-of-domain headline stands beside
+        figures[("in_domain", "retrieval_mean")] = figures[("retrieval_accuracy", "mean")]
+    return Scores(figures=figures, counts={**lm.counts, **bitexts.counts, **ood.counts, **suites.counts,
+                                           **probes.counts})
 
 
 def unigram_floor(plan: EvalPlan, settings: ScoringSettings, vocab_size: int) -> Figures:
@@ -151,29 +164,62 @@ def _score_language_models(model, discriminator, plan: EvalPlan, settings: Scori
     return Scores(figures, counts)
 
 
-def _score_bitexts(embed, plan: EvalPlan, settings: ScoringSettings) -> Scores:
-    """Top-1 retrieval both ways per pair; each (language, segment id) is embedded once, however many pairs share it."""
+def retrieve(embed, bitexts: dict[str, Bitext], settings: ScoringSettings) -> dict[str, RetrievalResult]:
+    """Top-1 retrieval both ways per pair; each (language, segment id) is embedded once, however many pairs share it,
+    and with ``settings.center`` each language's vectors lose their mean over all of its sentences in ``bitexts``."""
     needed: dict[str, dict[str, np.ndarray]] = {}
-    for bitext in plan.bitexts.values():
+    for bitext in bitexts.values():
         needed.setdefault(bitext.src_lang, {}).update(zip(bitext.ids, bitext.src))
         needed.setdefault(bitext.tgt_lang, {}).update(zip(bitext.ids, bitext.tgt))
     vectors: dict[tuple[str, str], torch.Tensor] = {}
     for lang, by_id in needed.items():
         ids = list(by_id)
         embedded = embed([by_id[i] for i in ids], lang)
-        if settings.center:   # the language's centroid over all its test sentences
+        if settings.center:   # the language's centroid over all its sentences of this data set
             embedded = center(embedded)
         for seg_id, vec in zip(ids, embedded):
             vectors[(lang, seg_id)] = vec
-    figures: Figures = {}
-    counts: Counts = {}
-    for pair, bitext in plan.bitexts.items():
+    out = {}
+    for pair, bitext in bitexts.items():
         src = torch.stack([vectors[(bitext.src_lang, i)] for i in bitext.ids])
         tgt = torch.stack([vectors[(bitext.tgt_lang, i)] for i in bitext.ids])
-        result = bitext_retrieval(src, tgt, settings.scoring, settings.margin_k)
+        out[pair] = bitext_retrieval(src, tgt, settings.scoring, settings.margin_k)
+    return out
+
+
+def _score_bitexts(embed, plan: EvalPlan, settings: ScoringSettings) -> Scores:
+    figures: Figures = {}
+    counts: Counts = {}
+    for pair, result in retrieve(embed, plan.bitexts, settings).items():
+        bitext = plan.bitexts[pair]
         figures[("retrieval_accuracy", pair)] = result.forward
         figures[("retrieval_accuracy", f"{bitext.tgt_lang}-{bitext.src_lang}")] = result.backward
         counts[("retrieval_candidates", pair)] = result.candidates
+    return Scores(figures, counts)
+
+
+def _score_out_of_domain(embed, plan: EvalPlan, settings: ScoringSettings) -> Scores:
+    """Each out-of-domain suite as the test split's bitexts (centred per suite and language): per direction, per pair
+    (the mean of its two directions), per suite, and the mean over every suite's pairs, the headline figure."""
+    figures: Figures = {}
+    counts: Counts = {}
+    if not plan.out_of_domain:
+        counts[("out_of_domain", "note")] = plan.out_of_domain_note or "no out-of-domain suite"
+        return Scores(figures, counts)
+    all_pairs = []
+    for suite in plan.out_of_domain:
+        key = ("out_of_domain", "suites", suite.name)
+        pair_means = []
+        for pair, result in retrieve(embed, suite.bitexts, settings).items():
+            bitext = suite.bitexts[pair]
+            for direction, value in ((pair, result.forward), (f"{bitext.tgt_lang}-{bitext.src_lang}", result.backward)):
+                figures[(*key, "directions", direction)] = value
+                counts[(*key, "directions", direction, "n")] = result.candidates
+            pair_means.append((result.forward + result.backward) / 2)
+            figures[(*key, "pairs", pair)] = pair_means[-1]
+        figures[(*key, "mean")] = float(np.mean(pair_means))
+        all_pairs += pair_means
+    figures[("out_of_domain", "mean")] = float(np.mean(all_pairs))
     return Scores(figures, counts)
 
 
@@ -208,8 +254,8 @@ def _score_suites(embed, plan: EvalPlan, settings: ScoringSettings, progress: Pr
 
 
 def _embedder(model: XLMModel, plan: EvalPlan, settings: ScoringSettings, device: torch.device
-              ) -> Callable[[list, str], torch.Tensor]:
-    def embed(sentences, lang: str) -> torch.Tensor:
-        return pooled_embeddings(model, sentences, plan.lang_index(lang), plan.layer, settings.seq_len,
-                                 settings.batch_size, device)
+              ) -> Callable[..., torch.Tensor]:
+    def embed(sentences, lang: str, layer: Optional[int] = None) -> torch.Tensor:
+        return pooled_embeddings(model, sentences, plan.lang_index(lang), plan.layer if layer is None else layer,
+                                 settings.seq_len, settings.batch_size, device)
     return embed
