@@ -35,7 +35,7 @@ def assemble_metrics(per_model: dict[str, Figures], counts: Counts) -> dict[str,
             if math.isfinite(value):
                 put((*path, name), _round(value))
     for path, value in counts.items():
-        put(path, value)
+        put(path, _round(value) if isinstance(value, float) else value)
     return out
 
 
@@ -135,6 +135,60 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + [""]
 
 
+def _retrieval_sections(cells, names: list[str], counts: Counts, plan: EvalPlan, ev) -> list[str]:
+    """The headline (out-of-domain retrieval beside in-domain, trained vs baseline) and the out-of-domain pairs."""
+    how = f"top-1, {ev.scoring}{', languages centred' if ev.center else ''}, layer {plan.layer}, mean of both directions"
+    suites = ", ".join(f"`{s.name}`" for s in plan.out_of_domain)
+    n_pairs = sum(len(s.bitexts) for s in plan.out_of_domain)
+    ood_what = (f"{suites}: {n_pairs} language pair(s) of text from outside the training domain" if suites
+                else plan.out_of_domain_note or "no out-of-domain suite")
+    lines = _table(f"Headline: bitext retrieval out of domain vs in domain ({how})", ["", *names, "scored on"],
+                   [["**out-of-domain**", *[f"**{c}**" for c in cells(("out_of_domain", "mean"))], ood_what],
+                    ["in-domain (test split)", *cells(("in_domain", "retrieval_mean")),
+                     f"{len(plan.bitexts)} pair(s) of the training corpus's held-out test split"]])
+    rows = []
+    for suite in plan.out_of_domain:
+        key = ("out_of_domain", "suites", suite.name)
+        for pair, bitext in suite.bitexts.items():
+            back = f"{bitext.tgt_lang}-{bitext.src_lang}"
+            rows.append([suite.name, pair, *cells((*key, "pairs", pair)), *cells((*key, "directions", pair)),
+                         *cells((*key, "directions", back)), str(counts.get((*key, "directions", pair, "n"), 0))])
+        rows.append([suite.name, "**mean**", *cells((*key, "mean")), *["" for _ in names * 2], ""])
+    return lines + _table("Out-of-domain retrieval per pair", [
+        "suite", "pair", *[f"mean ({n})" for n in names], *[f"src → tgt ({n})" for n in names],
+        *[f"tgt → src ({n})" for n in names], "candidates"], rows)
+
+
+def _probe_sections(cells, names: list[str], counts: Counts, plan: EvalPlan) -> list[str]:
+    """The freshly fitted language-ID probe and the zero-shot genre probe (xlm_core.evaluation.probes)."""
+    lines: list[str] = []
+    key = ("language_id_probe",)
+    if (*key, "chance") in counts:
+        rows = [[f"layer {counts[(*key, 'layer')]} (evaluate.layer)", *cells((*key, "accuracy"))]]
+        if (*key, "at_discriminator_layer", "layer") in counts:
+            rows.append([f"layer {counts[(*key, 'at_discriminator_layer', 'layer')]} (the discriminator's)",
+                         *cells((*key, "at_discriminator_layer", "accuracy"))])
+        rows.append(["chance", *[f"{counts[(*key, 'chance')]:.3f}" for _ in names]])
+        lines += _table("Language identifiability: a freshly fitted language-ID probe (lower = more "
+                        "language-neutral)", ["", *names], rows)
+        lines += [f"Logistic regression on frozen, mean-pooled, uncentred test-split states: trained on half A of "
+                  f"the segment ids ({counts[(*key, 'n_train')]} sentences), tested on half B "
+                  f"({counts[(*key, 'n_test')]}), the same count per language. This, not the co-trained "
+                  f"discriminator, says how much language identity the representation keeps.", ""]
+    if ("genre", "chance") in counts:
+        langs = [lang for lang in plan.languages if ("genre", "n_test", lang) in counts]
+        rows = [[lang, *cells(("genre", "accuracy", lang)),
+                 *(cells(("genre", "gap_to_en", lang)) if lang != "en" else ["" for _ in names]),
+                 str(counts[("genre", "n_test", lang)])] for lang in langs]
+        rows.append(["mean (non-English)", *cells(("genre", "mean_non_en")), *["" for _ in names], ""])
+        rows.append(["chance", *[f"{counts[('genre', 'chance')]:.3f}" for _ in names], *["" for _ in names], ""])
+        lines += _table(f"Zero-shot genre classification (6 Bible genres; probe trained on "
+                        f"{counts[('genre', 'n_train')]} English verses of half A, tested on half B)",
+                        ["language", *[f"accuracy ({n})" for n in names], *[f"gap to en ({n})" for n in names],
+                         "verses"], rows)
+    return lines
+
+
 def render_report(per_model: dict[str, Figures], counts: Counts, plan: EvalPlan, ev, config: ModelConfig,
                   plots_rel: str, floor: Optional[Figures] = None, notes: Optional[list[str]] = None) -> str:
     """reports/eval.md: a table per kind of figure, each model's column beside the floor, then the notes."""
@@ -148,6 +202,7 @@ def render_report(per_model: dict[str, Figures], counts: Counts, plan: EvalPlan,
              f"{'causal' if config.causal else 'bidirectional'}. Test split: `{plan.test_dir}`. "
              + ("The baseline is the same architecture randomly initialised (seed "
                 f"{ev.seed}): the floor of every figure." if "baseline" in names else ""), ""]
+    lines += _retrieval_sections(cells, names, counts, plan, ev)
     floor = floor or {}
     rows = [[lang, *cells(("mlm_accuracy", lang)), _fmt(floor.get(("mlm_accuracy", lang))),
              *cells(("mlm_perplexity", lang), True), _fmt(floor.get(("mlm_perplexity", lang)), True),
@@ -163,8 +218,10 @@ def render_report(per_model: dict[str, Figures], counts: Counts, plan: EvalPlan,
                 for lang in plan.languages]
         lines += _table("Causal LM", ["language", *[f"accuracy ({n})" for n in names],
                                       *[f"perplexity ({n})" for n in names]], rows)
+    lines += _probe_sections(cells, names, counts, plan)
     if any(("discriminator_accuracy",) in per_model[n] for n in names):
-        lines += _table("Language discriminator (lower = more language-neutral)", ["", *names],
+        lines += _table("Co-trained language discriminator (its adversary's view only; the probe above is the "
+                        "language-identifiability figure)", ["", *names],
                         [["accuracy", *cells(("discriminator_accuracy",))],
                          ["chance", *[f"{1 / len(plan.model_languages):.3f}" for _ in names]]])
     rows = []

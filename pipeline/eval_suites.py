@@ -1,4 +1,5 @@
-"""The user's evaluation suites of params.yaml (evaluate.retrieval, evaluate.classification), read and tokenized.
+"""The evaluation suites, read and tokenized: the user's of params.yaml (evaluate.retrieval, evaluate.classification)
+and the out-of-domain suites the clean stage writes (data/clean/eval/suites.parquet).
 
 Each problem is one error naming the file (and line), the params.yaml entry and the fix; everything is read before
 any scoring starts.
@@ -6,10 +7,14 @@ any scoring starts.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
+
+import pyarrow as pa
 
 from pipeline.errors import PipelineError
 from pipeline.params import ClassificationSuite, RetrievalSuite
-from xlm_core.evaluation.inputs import ClassificationData, RetrievalData
+from xlm_core.evaluation.inputs import ClassificationData, OutOfDomainSuite, RetrievalData, out_of_domain_suites
+from xlm_core.evaluation.suite_file import read_suites
 from xlm_core.metrics import label_indices
 from xlm_core.model_dir import ModelDir
 
@@ -95,3 +100,24 @@ def load_classification_suite(suite: ClassificationSuite, index: int, model: Mod
         name=suite.name, train_lang=suite.train_lang, classes=classes,
         labels={lang: label_indices(labels, classes) for lang, (labels, _t, _n) in read.items()},
         texts={lang: model.tokenizer.encode_batch(texts) for lang, (_l, texts, _n) in read.items()})
+
+
+def load_out_of_domain(path: Optional[Path], model: ModelDir, languages: list[str], cap: int
+                       ) -> tuple[list[OutOfDomainSuite], list[str], Optional[str]]:
+    """The suite file's out-of-domain suites, tokenized; notes on what was left out; and, when nothing is left to
+    score, why (a missing or empty file is not an error: user corpora need not have an out-of-domain suite)."""
+    if path is None:
+        return [], [], "no out-of-domain suite (no suite file given)"
+    if not path.is_file():
+        return [], [], f"no out-of-domain suite ({path} does not exist)"
+    try:
+        text_suites = read_suites(path)
+    except (OSError, ValueError, KeyError, pa.ArrowException) as exc:   # not Parquet, a missing column, ...
+        raise PipelineError(f"{path}: not a readable suite file ({type(exc).__name__}: {str(exc)[:160]}); "
+                            f"rerun `dvc repro clean`, which writes it") from None
+    if not text_suites:
+        return [], [], f"no out-of-domain suite ({path} has no rows)"
+    # ``languages`` are params.yaml's, which make_plan has checked the model was trained on
+    suites, notes = out_of_domain_suites(text_suites, model.tokenizer, languages, cap)
+    none = None if suites else f"no out-of-domain suite of the evaluated languages in {path}"
+    return suites, notes, none

@@ -5,8 +5,11 @@
     discriminator's accuracy when adversarial training was on, bitext retrieval for every configured pair (XTREME's
     Tatoeba protocol: mean-pooled layer `evaluate.layer`, cosine or ratio-margin nearest neighbour, top-1 both ways;
     with `center`, each language's vectors first lose their mean over all of that language's test sentences in the
-    configured pairs, a suite's over the suite's file), and the user's suites from params.yaml (retrieval on
-    line-aligned files; zero-shot classification with a linear probe trained on one language).
+    configured pairs, a suite's over the suite's file), the out-of-domain suites of data/clean/eval/suites.parquet
+    scored exactly so (the headline figure: the test split is the training domain), a freshly fitted language-ID
+    probe and the zero-shot Bible-genre probe on the test split (xlm_core.evaluation.probes), and the user's suites
+    from params.yaml (retrieval on line-aligned files; zero-shot classification with a linear probe trained on one
+    language).
 
 Outputs (each written atomically): metrics/eval.json (`dvc metrics show`: metric -> language/pair ->
 {trained, baseline, unigram}), reports/eval/*.json (`dvc plots show` data), reports/eval/*.png and reports/eval.md.
@@ -25,9 +28,10 @@ import torch
 
 from pipeline.errors import PipelineError, disk_full_is_an_error, run_cli
 from pipeline.eval_report import write_outputs
-from pipeline.eval_suites import load_classification_suite, load_retrieval_suite
+from pipeline.eval_suites import load_classification_suite, load_out_of_domain, load_retrieval_suite
 from pipeline.params import StageParams, load_params
 from xlm_core.evaluation.inputs import EvalPlan, read_bitexts
+from xlm_core.evaluation.probes import probe_plan
 from xlm_core.evaluation.scoring import Figures, score_model, unigram_floor
 from xlm_core.model_config import default_layer
 from xlm_core.model import XLMModel
@@ -64,7 +68,11 @@ def build_discriminator(state: dict[str, torch.Tensor], d_model: int, n_language
     return disc.to(device).eval()
 
 
-def make_plan(params: StageParams, model: ModelDir, shards_dir: Path) -> tuple[EvalPlan, list[str]]:
+SUITES = Path("data/clean/eval/suites.parquet")   # the clean stage's (xlm_core.evaluation.suite_file); a dvc.yaml dep
+
+
+def make_plan(params: StageParams, model: ModelDir, shards_dir: Path, suites_path: Optional[Path] = None
+              ) -> tuple[EvalPlan, list[str]]:
     """What both models are scored on, and the report's notes on what is left out and why."""
     ev = params.evaluate
     unknown = [lang for lang in params.languages if lang not in model.languages]
@@ -101,13 +109,21 @@ def make_plan(params: StageParams, model: ModelDir, shards_dir: Path) -> tuple[E
         discriminator_layer = int(recorded) if recorded is not None else default_layer(n_layers)
     else:
         notes.append("language discriminator: adversarial training was off (no discriminator)")
+    ood, ood_notes, no_ood = load_out_of_domain(suites_path, model, list(params.languages), ev.max_retrieval_pairs)
+    notes += ood_notes + ([no_ood] if no_ood else [])
+    probes = probe_plan(test_dir, model.tokenizer, languages, ev.max_probe_sentences, ev.seed, layer,
+                        discriminator_layer)
+    notes += [f"{task}: not measured ({why})" for task, why in probes.notes.items()]
+    if model.config.use_lang_emb:
+        notes.append("language-ID probe: the model has language embeddings, so its input names the language")
     notes.append("MLM/TLM targets: {:.0%} of the pieces of each test block, all replaced by <mask>, with masks "
                  "fixed by evaluate.seed; at most {} batches of {} per language or pair."
                  .format(ev.mask_rate, ev.max_batches or "all", ev.batch_size))
     plan = EvalPlan(test_dir=test_dir, tokenizer=model.tokenizer, model_languages=model.languages,
                     languages=languages, pairs=kept_pairs, bitexts=bitexts, retrieval_suites=retrieval,
                     classification_suites=classification, layer=layer, clm=clm,
-                    discriminator_layer=discriminator_layer)
+                    discriminator_layer=discriminator_layer, out_of_domain=ood, out_of_domain_note=no_ood,
+                    probes=probes)
     return plan, notes
 
 
@@ -125,7 +141,7 @@ class _Bar:
 
 
 def evaluate(params: StageParams, model_dir: Path, shards_dir: Path, metrics_path: Path, report_path: Path,
-             plots_dir: Path) -> dict[str, Any]:
+             plots_dir: Path, suites_path: Optional[Path] = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     ev = params.evaluate
@@ -134,7 +150,7 @@ def evaluate(params: StageParams, model_dir: Path, shards_dir: Path, metrics_pat
     device = torch.device(device_type(ev.device, nproc=1, section="evaluate"))
     # Validate everything (model, shards, suites) before computing or touching any output.
     folder = load_model_dir(model_dir)
-    plan, notes = make_plan(params, folder, shards_dir)
+    plan, notes = make_plan(params, folder, shards_dir, suites_path)
 
     models = {"trained": build_model(folder.config, folder.state, ev.seed, device, folder.path)}
     if ev.baseline:
@@ -145,7 +161,8 @@ def evaluate(params: StageParams, model_dir: Path, shards_dir: Path, metrics_pat
             discriminators[name] = build_discriminator(folder.discriminator, folder.config.d_model,
                                                        len(folder.languages), name == "trained", ev.seed, device,
                                                        folder.path)
-    jobs = len(plan.languages) + len(plan.pairs) + 1 + len(plan.retrieval_suites) + len(plan.classification_suites)
+    jobs = (len(plan.languages) + len(plan.pairs) + 2 + len(plan.retrieval_suites) + len(plan.classification_suites)
+            + 1)   # + 2: the test bitexts and the out-of-domain suites; + 1: the probes
     per_model: dict[str, Figures] = {}
     counts = {}
     for name, model in models.items():
@@ -167,9 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", default="metrics/eval.json", type=Path)
     parser.add_argument("--report", default="reports/eval.md", type=Path)
     parser.add_argument("--plots", default="reports/eval", type=Path)
+    parser.add_argument("--suites", default=SUITES, type=Path,
+                        help="the clean stage's out-of-domain suites (missing: no out-of-domain figure)")
     args = parser.parse_args(argv)
     return run_cli("evaluate", lambda: evaluate(load_params("evaluate", args.params), args.model, args.shards,
-                                                args.metrics, args.report, args.plots))
+                                                args.metrics, args.report, args.plots, args.suites))
 
 
 if __name__ == "__main__":

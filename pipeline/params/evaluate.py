@@ -57,6 +57,8 @@ class EvaluateParams(Strict):
     center: bool = Field(default=True, description="retrieval: subtract each language's mean pooled vector first")
     margin_k: int = Field(default=4, ge=1)
     max_retrieval_pairs: int = Field(default=2000, ge=2, description="test pairs per language pair (first by id)")
+    max_probe_sentences: int = Field(default=2000, ge=2, description="test sentences per language for the "
+                                     "language-ID and genre probes (a sample by evaluate.seed)")
     seq_len: int = Field(default=128, ge=8)
     batch_size: int = Field(default=32, ge=1)
     max_batches: Optional[int] = Field(default=8, ge=1, description="MLM/TLM/CLM test batches per language or pair")
