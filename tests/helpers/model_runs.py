@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 import yaml
 
@@ -15,6 +16,7 @@ from xlm_core.model import XLMModel
 from xlm_core.model_config import ModelConfig
 from xlm_core.model_dir import save_model_dir
 from xlm_core.adversary import LanguageDiscriminator
+from xlm_core.evaluation.bible_genres import GENRE_BOOKS
 from xlm_core.tokenizer import Tokenizer
 
 LANGS = ["en", "fr", "ru", "ar"]
@@ -22,10 +24,31 @@ PAIRS = ["en-fr", "en-ru", "en-ar"]
 ROWS = {"en": 400, "fr": 300, "ru": 300, "ar": 300}   # test split: a tenth of each
 
 
+def bible_verse_id(split: str, k: int) -> str:
+    """Segment k of a fixture split as a verse id: consecutive segments cycle through the six genres (and through
+    each genre's books), and chapter = the split, so every (split, k) gets its own id."""
+    _genre, first, last = GENRE_BOOKS[k % len(GENRE_BOOKS)]
+    book = first + (k // len(GENRE_BOOKS)) % (last - first + 1)
+    return f"bible:{book:03d}.{1 + ('train', 'valid', 'test').index(split):03d}.{1 + k:03d}"
+
+
+def _use_bible_ids(clean_dir: Path) -> None:
+    """Rewrite the clean fixture's ids (``fixture:<split>.<k>``) as Bible verse ids, mono and para alike."""
+    for path in sorted(clean_dir.glob("*/*.parquet")):
+        table = pq.read_table(path)
+        ids = []
+        for seg_id in table.column("id").to_pylist():
+            split, k = seg_id.split(":")[1].split(".")
+            ids.append(bible_verse_id(split, int(k)))
+        pq.write_table(table.set_column(table.schema.get_field_index("id"), "id", [ids]), path)
+
+
 def build_run(root: Path, *, use_lang_emb: bool = False, adversarial: bool = True, causal: bool = False,
               objectives: dict | None = None, evaluate_section: dict | None = None,
-              export_section: dict | None = None, vocab_size: int = 150) -> Path:
+              export_section: dict | None = None, vocab_size: int = 150, bible_ids: bool = False) -> Path:
     """clean -> tokenizer -> shards -> data/model (xlm_core.model_dir.save_model_dir), all under ``root``.
+
+    ``bible_ids``: segment ids are Bible verse ids (``bible:BBB.CCC.VVV``, all six genres), like the default corpus's.
 
     The model is a randomly initialised tiny preset: the stage's wiring is what is tested here; the metrics' maths
     is tested on constructed embeddings with known answers.
@@ -37,6 +60,8 @@ def build_run(root: Path, *, use_lang_emb: bool = False, adversarial: bool = Tru
     data["export"] = {"name": "tiny-test", **(export_section or {})}
     params_path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
     write_clean(root / "clean", ROWS, PAIRS)
+    if bible_ids:
+        _use_bible_ids(root / "clean")
     train_tokenizer(load_params("tokenizer", params_path), root / "clean", root / "tokenizer", root / "tok.json")
     make_shards(load_params("shard", params_path), root / "clean", root / "tokenizer", root / "shards",
                 root / "shard.json")

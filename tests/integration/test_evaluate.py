@@ -225,6 +225,11 @@ def test_evaluate_writes_metrics_plots_and_report(tiny_run, tmp_path):
     assert "mean" in metrics["retrieval_accuracy"] and "mean" in metrics["mlm_accuracy"]
     assert 0 <= metrics["discriminator_accuracy"]["trained"] <= 1
     assert "clm_perplexity" not in metrics                             # not trained causally
+    # no suite file given, fixture ids that are not verses: said so, and every other figure is there
+    assert metrics["out_of_domain"] == {"note": "no out-of-domain suite (no suite file given)"}
+    assert set(metrics["genre"]) == {"note"}
+    assert metrics["in_domain"]["retrieval_mean"] == metrics["retrieval_accuracy"]["mean"]
+    assert set(metrics["language_id_probe"]["accuracy"]) == {"trained", "baseline"}
     # user suites, under their names
     suite = metrics["suites"]["mini_bitext"]
     assert suite["candidates"] == 4 and set(suite["accuracy"]) == {"en-fr", "fr-en"}
