@@ -137,7 +137,8 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _retrieval_sections(cells, names: list[str], counts: Counts, plan: EvalPlan, ev) -> list[str]:
     """The headline (out-of-domain retrieval beside in-domain, trained vs baseline) and the out-of-domain pairs."""
-    how = f"top-1, {ev.scoring}{', languages centred' if ev.center else ''}, layer {plan.layer}, mean of both directions"
+    how = (f"top-1, {ev.scoring}{', languages centred' if ev.center else ''}, layer {plan.layer}, "
+           "mean of both directions")
     suites = ", ".join(f"`{s.name}`" for s in plan.out_of_domain)
     n_pairs = sum(len(s.bitexts) for s in plan.out_of_domain)
     ood_what = (f"{suites}: {n_pairs} language pair(s) of text from outside the training domain" if suites

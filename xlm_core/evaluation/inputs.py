@@ -53,7 +53,7 @@ def read_bitexts(test_dir: Path, tokenizer: Tokenizer, pairs: list[str], cap: in
 
 @dataclass
 class OutOfDomainSuite:
-    """One suite of the suite file (e.g. Django's catalogs): a Bitext per language pair, scored like the test split's."""
+    """One suite of the suite file (e.g. Django's catalogs): a Bitext per language pair, scored as the test split's."""
 
     name: str
     bitexts: dict[str, Bitext]

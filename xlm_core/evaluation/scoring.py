@@ -19,8 +19,8 @@ import torch
 from xlm_core.data import iter_eval_batches
 from xlm_core.evaluation.inputs import Bitext, EvalPlan
 from xlm_core.evaluation.probes import score_probes
-from xlm_core.metrics import (LMScore, RetrievalResult, bitext_retrieval, causal_lm_score, center, masked_lm_score, pooled_embeddings,
-                              train_linear_probe, unigram_score)
+from xlm_core.metrics import (LMScore, RetrievalResult, bitext_retrieval, causal_lm_score, center, masked_lm_score,
+                              pooled_embeddings, train_linear_probe, unigram_score)
 from xlm_core.model import XLMModel
 from xlm_core.adversary import LanguageDiscriminator
 
