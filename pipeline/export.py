@@ -5,7 +5,11 @@
     sentencepiece.bpe.model     our spm.model (XLM-R's file name)
     tokenizer.json              the fast tokenizer, built from the sentencepiece model (xlm_core.hf_tokenizer)
     tokenizer_config.json, special_tokens_map.json
-    README.md                   the model card (pipeline.model_card)
+    README.md                   the model card (pipeline.model_card), with the embedding recipe
+    modules.json, 1_Pooling/, sentence_bert_config.json or 0_Transformer/, config_sentence_transformers.json,
+    embedding_recipe.json       the sentence-transformers layout (xlm_core.sentence_transformers_layout): the vectors
+                                the evaluate stage retrieves with (evaluate.layer, evaluate.seq_len; the centering and
+                                scoring it applies after, evaluate.center and evaluate.scoring, in the recipe file)
 
 Everything is read from the model folder (xlm_core.model_dir.load_model_dir, which refuses a damaged or mixed-up
 folder) and computed in memory before the output folder is written, whole, under a temporary name.
@@ -27,7 +31,9 @@ from pipeline.params import StageParams, load_params
 from xlm_core.atomic import atomic_dir
 from xlm_core.hf import XLMRobertaStateDictAdapter, hf_config
 from xlm_core.hf_tokenizer import read_spm_model, special_tokens_map, tokenizer_config, tokenizer_json
+from xlm_core.model_config import ModelConfig, default_layer
 from xlm_core.model_dir import load_model_dir
+from xlm_core.sentence_transformers_layout import EmbeddingRecipe, layout_files
 from xlm_core.tokenizer import SPM_MODEL
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -36,11 +42,25 @@ DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 @dataclass
 class Exported:
-    files: dict[str, bytes]                  # name -> content, everything but the weights
-    weights: dict[str, torch.Tensor]
+    files: dict[str, bytes]                  # relative path -> content, everything but the weights
+    weights: dict[str, dict[str, torch.Tensor]]   # relative path of a .safetensors file -> its tensors
 
 
-def prepare_export(params: StageParams, model_dir: Path) -> Exported:
+def embedding_recipe(evaluate: StageParams, config: ModelConfig) -> EmbeddingRecipe:
+    """The evaluate stage's sentence embedding and retrieval scoring, from params.yaml's evaluate section."""
+    ev = evaluate.evaluate
+    layer = default_layer(config.n_layers) if ev.layer is None else ev.layer
+    if layer > config.n_layers:
+        raise PipelineError(f"params.yaml: evaluate.layer = {ev.layer}: this model has layers 0..{config.n_layers} "
+                            f"(0 = embeddings); use null for the middle one")
+    if ev.seq_len > config.max_positions:
+        raise PipelineError(f"params.yaml: evaluate.seq_len = {ev.seq_len} exceeds the model's max_positions = "
+                            f"{config.max_positions}; lower it")
+    return EmbeddingRecipe(layer=layer, n_layers=config.n_layers, max_seq_length=ev.seq_len, center=ev.center,
+                           scoring=ev.scoring, margin_k=ev.margin_k, language_embeddings=config.use_lang_emb)
+
+
+def prepare_export(params: StageParams, evaluate: StageParams, model_dir: Path) -> Exported:
     """Everything the folder will hold, computed (and validated) in memory before anything is written."""
     xp = params.export
     model = load_model_dir(model_dir, with_discriminator=False)
@@ -48,6 +68,7 @@ def prepare_export(params: StageParams, model_dir: Path) -> Exported:
     if config.pre_ln:
         raise PipelineError("data/model was trained with pretrain.model.pre_ln = true, which XLM-R (post-LayerNorm) "
                             "cannot represent; retrain with pre_ln: false to export a Hugging Face model")
+    recipe = embedding_recipe(evaluate, config)
     try:
         weights = {k: v.to(DTYPES[xp.dtype]).contiguous()
                    for k, v in XLMRobertaStateDictAdapter(config).to_hf(model.state).items()}
@@ -67,7 +88,7 @@ def prepare_export(params: StageParams, model_dir: Path) -> Exported:
         config_json["lang2id"] = {lang: i for i, lang in enumerate(model.languages)}
         config_json["id2lang"] = {str(i): lang for i, lang in enumerate(model.languages)}
     n_params = sum(v.numel() for v in model.state.values())
-    card = model_card(xp.name, xp.license, config, model.languages, model.pairs, n_params, model.training)
+    card = model_card(xp.name, xp.license, config, model.languages, model.pairs, n_params, model.training, recipe)
 
     def dump(obj: dict) -> bytes:
         return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
@@ -80,20 +101,25 @@ def prepare_export(params: StageParams, model_dir: Path) -> Exported:
         "special_tokens_map.json": dump(special_tokens_map()),
         "README.md": card.encode("utf-8"),
     }
-    return Exported(files=files, weights=weights)
+    st_files, st_weights = layout_files(recipe, config, config_json, weights, files)
+    return Exported(files={**files, **st_files}, weights={"model.safetensors": weights, **st_weights})
 
 
-def export(params: StageParams, model_dir: Path, out_dir: Path) -> Path:
+def export(params: StageParams, model_dir: Path, out_dir: Path, evaluate: StageParams) -> Path:
+    """Write the folder; ``evaluate`` is params.yaml's evaluate section (load_params("evaluate")), the recipe's source."""
     from safetensors.torch import save_file
 
-    exported = prepare_export(params, model_dir)
+    exported = prepare_export(params, evaluate, model_dir)
     with disk_full_is_an_error("export", out_dir), atomic_dir(out_dir) as tmp:
-        save_file(exported.weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for name, tensors in exported.weights.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
         for name, data in exported.files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_bytes(data)
-        for path in tmp.iterdir():   # a folder meant to be shared: world-readable, whatever the writer's umask
-            path.chmod(0o644)
-    size = sum(f.stat().st_size for f in out_dir.iterdir())
+        for path in tmp.rglob("*"):   # a folder meant to be shared: world-readable, whatever the writer's umask
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    size = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
     print(f"export: wrote {out_dir} ({size / 1e6:.1f} MB)", file=sys.stderr)
     return out_dir
 
@@ -104,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="data/model", type=Path)
     parser.add_argument("--out", default="data/export/hf", type=Path)
     args = parser.parse_args(argv)
-    return run_cli("export", lambda: export(load_params("export", args.params), args.model, args.out))
+    return run_cli("export", lambda: export(load_params("export", args.params), args.model, args.out,
+                                            load_params("evaluate", args.params)))
 
 
 if __name__ == "__main__":

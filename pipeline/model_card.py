@@ -5,21 +5,26 @@ Every fact comes from the model folder (``xlm_core.model_dir``): its config and 
 records none of them gives a shorter card.
 
 The card deliberately does not embed metrics/eval.json: export would then rerun whenever evaluation settings change.
-It points to the evaluation report instead and quotes the training run's own validation figures.
+It points to the evaluation report instead and quotes the training run's own validation figures. It does state the
+recipe the evaluation embeds sentences with (``recipe``: evaluate.layer, evaluate.seq_len, evaluate.center,
+evaluate.scoring), with usage in sentence-transformers and in plain transformers.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from xlm_core.hf_tokenizer import SPECIAL
 from xlm_core.model_config import ModelConfig
+from xlm_core.sentence_transformers_layout import RECIPE_FILE, EmbeddingRecipe
 
 
 def model_card(name: str, license_: str, config: ModelConfig, languages: list[str], pairs: list[str],
-               n_params: int, training: dict[str, Any]) -> str:
-    """The card's markdown; ``training`` is the model folder's record of the run (``ModelDir.training``)."""
+               n_params: int, training: dict[str, Any], recipe: Optional[EmbeddingRecipe] = None) -> str:
+    """The card's markdown; ``training`` is the model folder's record of the run (``ModelDir.training``), ``recipe``
+    the evaluate stage's sentence embedding (the export's sentence-transformers layout)."""
+    tags = "xlm-roberta, cross-lingual, masked-lm, xlm-pipeline" + (", sentence-transformers" if recipe else "")
     front = ["---", f"language: [{', '.join(languages)}]", f"license: {license_}", "library_name: transformers",
-             "pipeline_tag: fill-mask", "tags: [xlm-roberta, cross-lingual, masked-lm, xlm-pipeline]", "---", ""]
+             "pipeline_tag: fill-mask", f"tags: [{tags}]", "---", ""]
     lines = [*front, f"# {name}", "",
              f"A cross-lingual encoder in the XLM-R architecture, pretrained with xlm-pipeline on "
              f"{len(languages)} languages ({', '.join(languages)}).", "",
@@ -84,4 +89,60 @@ def model_card(name: str, license_: str, config: ModelConfig, languages: list[st
                   "does not pass them.", ""]
     lines += ["The tokenizer (`tokenizer.json`, loaded as `PreTrainedTokenizerFast`) reproduces the sentencepiece model "
               "`sentencepiece.bpe.model` with XLM-R's ids: `<s>` 0, `<pad>` 1, `</s>` 2, `<unk>` 3, `<mask>` last.", ""]
+    if recipe is not None:
+        lines += embedding_section(recipe, languages)
     return "\n".join(lines)
+
+
+def embedding_section(recipe: EmbeddingRecipe, languages: list[str]) -> list[str]:
+    """The card's "Sentence embeddings" section: the evaluated recipe, and how to get its vectors."""
+    n = recipe.n_layers
+    where = ("the embeddings' output, before any block" if recipe.layer == 0 else
+             "the last block's output" if recipe.layer == n else f"the output of block {recipe.layer}")
+    module = (f" Its Transformer module is `{recipe.transformer_path}/`: this encoder cut after layer {recipe.layer} "
+              f"(num_hidden_layers = {recipe.layer}), so that it outputs that layer." if recipe.transformer_path else "")
+    scoring = ("cosine similarity, top-1 nearest neighbour." if recipe.scoring == "cosine" else
+               f"ratio margin (Artetxe & Schwenk, 2019) of the cosine similarities over {recipe.margin_k} neighbours "
+               f"each way, top-1 (sentence-transformers' `similarity` gives the cosines it is computed from).")
+    lines = ["## Sentence embeddings", "",
+             f"The evaluation's bitext retrieval embeds sentences with this recipe (also in `{RECIPE_FILE}`):", "",
+             f"- **Layer** {recipe.layer} of {n}: {where} (`hidden_states[{recipe.layer}]` in transformers).",
+             "- **Pooling**: the mean over the real tokens (`attention_mask`), `<s>` and `</s>` included.",
+             f"- **Length**: at most {recipe.max_seq_length} tokens, `<s>` and `</s>` included (longer sentences are "
+             f"truncated).",
+             ("- **Centering**: encode, then subtract each language's mean vector over your collection (all the "
+              "sentences of that language being searched). It removes what every sentence of a language shares; "
+              "sentence-transformers cannot hold this step, so do it on the encoded vectors." if recipe.center else
+              "- **Centering**: none."),
+             f"- **Scoring**: {scoring}", "",
+             f"`SentenceTransformer` on this folder gives the evaluation's vectors before centering (in the weights' "
+             f"dtype).{module}", ""]
+    center = ["src, tgt = src - src.mean(axis=0), tgt - tgt.mean(axis=0)   # each language's mean over the collection"
+              ] if recipe.center else []
+    lines += ["```python", "from sentence_transformers import SentenceTransformer", "",
+              'model = SentenceTransformer("path/to/this/folder")',
+              "src = model.encode(english_sentences, normalize_embeddings=False)   # numpy [n, d]",
+              "tgt = model.encode(french_sentences, normalize_embeddings=False)", *center,
+              "similarity = model.similarity(src, tgt)   # cosine",
+              "best = similarity.argmax(dim=1)           # for each English sentence, its French translation", "```",
+              "", "The same vectors with transformers alone:", "", "```python", "import torch",
+              "from transformers import AutoModel, AutoTokenizer", "",
+              'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+              'model = AutoModel.from_pretrained("path/to/this/folder", add_pooling_layer=False).eval()',
+              f"batch = tokenizer(sentences, padding=True, truncation=True, max_length={recipe.max_seq_length}, "
+              f'return_tensors="pt")']
+    if recipe.language_embeddings:
+        lines.append('batch["token_type_ids"] = torch.full_like(batch["input_ids"], language_id)   # config.lang2id')
+    lines += ["with torch.no_grad():",
+              f"    hidden = model(**batch, output_hidden_states=True).hidden_states[{recipe.layer}]",
+              'mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)',
+              "vectors = (hidden * mask).sum(dim=1) / mask.sum(dim=1)"]
+    if recipe.center:
+        lines.append("vectors = vectors - vectors.mean(dim=0)   # centering: sentences of one language at a time")
+    lines += ["```", ""]
+    if recipe.language_embeddings:
+        lines += ["**Language embeddings.** The evaluation passes each sentence's language as `token_type_ids`; "
+                  "sentence-transformers passes none, so `SentenceTransformer` reads every text as language 0 "
+                  f"({languages[0]}) and gives the evaluated vectors for that language only. Use the transformers "
+                  "recipe above for the others.", ""]
+    return lines

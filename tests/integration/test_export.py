@@ -1,6 +1,7 @@
 """export stage: the Hugging Face folder loads offline with transformers (a subprocess with HF_HUB_OFFLINE=1), its
 tokenizer gives our ids on Latin, Cyrillic and Arabic text, its logits equal ours, fill-mask works; plus the
-sentencepiece reader, BPE tokenizers, dtypes, the model card, errors, and the DVC wiring of evaluate/export."""
+sentencepiece reader, BPE tokenizers, dtypes, the model card, errors, and the DVC wiring of evaluate/export.
+The sentence-transformers layout beside the masked-LM files: tests/integration/test_export_st.py."""
 from __future__ import annotations
 
 import json
@@ -18,7 +19,9 @@ from tests.helpers.corpora import write_clean, write_tokenizer_shard_params
 
 from pipeline.export import export
 from pipeline.params import load_params
+from pipeline.params.evaluate import EvaluateParams
 from pipeline.tokenizer import train_tokenizer
+from xlm_core.evaluation.suite_file import write_suites
 from xlm_core.hf_tokenizer import read_spm_model, tokenizer_json
 from xlm_core.model import XLMModel
 from xlm_core.model_config import ModelConfig
@@ -39,7 +42,7 @@ FILL_TEXT = "The king of the <mask>."
 
 def export_run(root: Path, params_path: Path, out: Path | None = None) -> Path:
     out = out or root / "export" / "hf"
-    return export(load_params("export", params_path), root / "model", out)
+    return export(load_params("export", params_path), root / "model", out, load_params("evaluate", params_path))
 
 
 def our_logits(model_dir: Path, ids: list[list[int]], lang: int | None) -> list[list[list[float]]]:
@@ -93,9 +96,11 @@ def exported(tmp_path_factory):
 # --------------------------------------------------------------------------------------------------- the folder
 def test_folder_layout_and_config(exported):
     root, _params, out = exported
-    assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "config.json", "model.safetensors", "sentencepiece.bpe.model", "special_tokens_map.json",
-        "tokenizer.json", "tokenizer_config.json"]
+    masked_lm = ["README.md", "config.json", "model.safetensors", "sentencepiece.bpe.model", "special_tokens_map.json",
+                 "tokenizer.json", "tokenizer_config.json"]
+    sentence_transformers = ["0_Transformer", "1_Pooling", "config_sentence_transformers.json",
+                             "embedding_recipe.json", "modules.json"]   # tests/integration/test_export_st.py
+    assert sorted(p.name for p in out.iterdir()) == sorted(masked_lm + sentence_transformers)
     config = json.loads((out / "config.json").read_text())
     model_cfg = json.loads((root / "model" / "config.json").read_text())["model"]
     assert config["model_type"] == "xlm-roberta"
@@ -130,6 +135,8 @@ def test_language_embeddings_export_as_token_type_ids(tmp_path):
     assert config["lang2id"] == {lang: i for i, lang in enumerate(LANGS)}
     card = (out / "README.md").read_text()
     assert "token_type_ids" in card and "ru = 2" in card
+    assert "reads every text as language 0" in card   # SentenceTransformer passes no token_type_ids
+    assert json.loads((out / "embedding_recipe.json").read_text())["language_embeddings"] is True
     tok = Tokenizer.load(tmp_path / "model")
     ru = LANGS.index("ru")
     got = hf_check(out, lang=ru)
@@ -191,7 +198,7 @@ def test_dtype_option_and_model_card(exported, tmp_path):
     data["export"].update(dtype="fp16", name="my-encoder", license="cc-by-4.0")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(data))
-    out = export(load_params("export", params), root / "model", tmp_path / "hf")
+    out = export(load_params("export", params), root / "model", tmp_path / "hf", load_params("evaluate", params))
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert f.get_tensor("roberta.embeddings.word_embeddings.weight").dtype == torch.float16
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
@@ -213,13 +220,13 @@ def test_pre_ln_model_is_refused_and_previous_export_kept(exported, tmp_path):
     (bad / "config.json").write_text(json.dumps(meta))
     target = tmp_path / "hf"
     shutil.copytree(out, target)
-    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    before = {str(p.relative_to(target)): p.read_bytes() for p in target.rglob("*") if p.is_file()}
     proc = run(python_module("pipeline.export", "--params", str(params_path), "--model", str(bad), "--out",
                              str(target)), cwd=tmp_path, check=False)
     assert proc.returncode == 2
     last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
     assert last.startswith("error: [export] ") and "pre_ln" in last and "retrain" in last
-    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert {str(p.relative_to(target)): p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
 
 
 # ---------------------------------------------------------------------------------------------------- DVC wiring
@@ -232,11 +239,18 @@ def _stage_project(tmp_path: Path, root: Path, params_path: Path) -> Path:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     (proj / "dvc.yaml").write_text(yaml.safe_dump({"stages": {k: stages[k] for k in ("evaluate", "export")}},
                                                    sort_keys=False))
-    shutil.copy(params_path, proj / "params.yaml")
+    data = yaml.safe_load(params_path.read_text())
+    # DVC refuses a listed params key that params.yaml lacks: write the embedding recipe's keys the export stage lists
+    recipe_keys = [k.split(".", 1)[1] for k in stages["export"]["params"] if k.startswith("evaluate.")]
+    data["evaluate"] = {**EvaluateParams().model_dump(include=set(recipe_keys)), **data["evaluate"]}
+    (proj / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
     for pkg in ("pipeline", "xlm_core"):
         shutil.copytree(ROOT / pkg, proj / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     for name, target in (("model", "data/model"), ("shards", "data/shards")):
         shutil.copytree(root / name, proj / target)
+    suites = "data/clean/eval/suites.parquet"   # the out-of-domain suites, when evaluate lists them: none here
+    if suites in stages["evaluate"]["deps"]:
+        write_suites(proj / suites, [])
     (proj / ".gitignore").write_text("/data/\n__pycache__/\n")
     return proj
 
@@ -262,6 +276,9 @@ def test_dvc_reruns_only_the_stage_whose_params_changed(exported, tmp_path):
     assert _changed_stages(proj) == {"evaluate"}
     (proj / "params.yaml").write_text(original)
     assert _changed_stages(proj) == set()
+    set_section(proj / "params.yaml", "evaluate", layer=0)   # the embedding recipe the export carries
+    assert _changed_stages(proj) == {"evaluate", "export"}
+    (proj / "params.yaml").write_text(original)
     set_section(proj / "params.yaml", "export", name="renamed")
     assert _changed_stages(proj) == {"export"}
     set_section(proj / "params.yaml", "export", name="tiny-test")
