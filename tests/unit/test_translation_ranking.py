@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.unit.test_data import LANGS, loader_kwargs, shards, take  # noqa: F401  (shards is a fixture)
+from tests.unit.test_data import (LANGS, SEQ_LEN, assert_same_batch, loader_kwargs, shards,  # noqa: F401  (fixture)
+                                  take)
 from xlm_core.adversary import LanguageDiscriminator, masked_mean
 from xlm_core.data import PretrainLoader
 from xlm_core.masking import mask_tokens
@@ -161,3 +162,27 @@ def test_loader_makes_translation_ranking_steps_from_the_pairs(shards):  # noqa:
     assert seen > 5
     with pytest.raises(Exception, match="translation_ranking.pairs = 3"):
         PretrainLoader(**loader_kwargs(shards, objectives={"tr": 1.0}, accum_steps=2, tr_pairs=3))
+
+
+@pytest.mark.parametrize("mode", ["stream", "sentence"])
+def test_resume_with_tlm_and_tr_on_one_pair_stream_is_exact(shards, mode):  # noqa: F811
+    # tr steps read pairs straight from the stream that TLM's sentence-mode pool fills from: a restore that rebuilt
+    # the pool and left the stream at the pool's end replayed the pairs the tr steps had already taken
+    extra = {"mode": mode, "token_budget": 4 * SEQ_LEN, "pool_sentences": 40} if mode == "sentence" else {}
+    kwargs = loader_kwargs(shards, objectives={"mlm": 0.5, "tlm": 1.0, "tr": 1.0}, tr_pairs=12, tr_max_len=10,
+                           **extra)
+    k, n = 12, 24
+    with PretrainLoader(**kwargs) as whole:
+        before = take(whole, k)
+        state = whole.state_dict()
+        after = take(whole, n)
+    with PretrainLoader(**{**kwargs, "prefetch": 0}) as resumed:
+        resumed.load_state_dict(state)
+        again = take(resumed, n)
+    for got, want in zip(again, after):
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert_same_batch(a, b)
+    # meaningful: tr steps ran before the state was taken and after it, and so did tlm
+    assert {"tlm", "tr"} <= {micro[0].objective for micro in before}
+    assert {"tlm", "tr"} <= {micro[0].objective for micro in after}

@@ -196,10 +196,13 @@ class PretrainLoader:
         self._restore(state)
 
     def _restore(self, state: dict) -> None:
+        for name, pool in self._pools.items():   # a pool rewinds its stream to the pool's start and rebuilds itself
+            pool.load_state(state["pools"].get(name))
+        # then every stream to its saved position: a pool's batches are a function of its start alone, and a stream
+        # also read directly (a translation-ranking step takes pairs from the stream TLM's pool fills from) stands
+        # past the pool's end; when the pool is its only reader, that is where the rebuild left it anyway
         for name, stream in self._streams().items():
             stream.load_state(state["streams"].get(name, {"epoch": 0, "shard": 0, "row": 0, "offset": 0}))
-        for name, pool in self._pools.items():   # after the streams: a pool rewinds its stream and rebuilds itself
-            pool.load_state(state["pools"].get(name))
         self._next_step = int(state["step"])
         self._failure, self._rewind = None, False
         self._consumed_state = self._snapshot()
