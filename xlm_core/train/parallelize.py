@@ -44,8 +44,11 @@ def wrap(task: torch.nn.Module, parallel: str, device: torch.device, world: int)
         return task
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(task, device_ids=[device.index] if device.type == "cuda" else None,
-               find_unused_parameters=getattr(task, "discriminator", None) is not None)
+    # Some steps leave parameters without a gradient: the MLM ones the discriminator, a translation-ranking step the
+    # MLM head (and the blocks above translation_ranking.layer); DDP must then look for them, or the next step fails.
+    objectives = getattr(task, "objectives", None)
+    unused = getattr(task, "discriminator", None) is not None or getattr(objectives, "tr_weight", 0.0) > 0
+    return DDP(task, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
 
 
 @contextlib.contextmanager
