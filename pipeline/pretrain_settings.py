@@ -25,13 +25,15 @@ def objectives_config(params: StageParams, n_layers: int) -> ObjectivesConfig:
     p = params.pretrain
     # The step's objective is drawn with probability ∝ its weight (as XLM alternates objectives), so each active
     # objective enters the loss with weight 1; the weights set the mix. The adversary's layer is resolved here
-    # (null = the middle one) so that the run records the block it actually read.
+    # (null = the middle one) so that the run records the block it actually read. A layer is resolved only for an
+    # objective that is on (the params check it only then): an unused one stays None, whatever params.yaml holds.
     active = {name: 1.0 if p.objectives.get(name, 0) > 0 else 0.0 for name in OBJECTIVES}
+    adversarial_layer = p.adversarial.layer_of(n_layers) if p.adversarial.enabled else None
+    tr_layer = p.translation_ranking.layer_of(n_layers) if active["tr"] > 0 else None
     return ObjectivesConfig(
         mlm_weight=active["mlm"], tlm_weight=active["tlm"], clm_weight=active["clm"], tr_weight=active["tr"],
-        adversarial=dataclasses.replace(p.adversarial, layer=p.adversarial.layer_of(n_layers)), masking=p.masking,
-        translation_ranking=dataclasses.replace(p.translation_ranking,
-                                                layer=p.translation_ranking.layer_of(n_layers)))
+        adversarial=dataclasses.replace(p.adversarial, layer=adversarial_layer), masking=p.masking,
+        translation_ranking=dataclasses.replace(p.translation_ranking, layer=tr_layer))
 
 
 def training_fingerprint(params: StageParams, tokenizer_sha: str, shards_fingerprint: str) -> tuple[str, dict]:

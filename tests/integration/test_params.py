@@ -11,6 +11,8 @@ import yaml
 from tests.helpers.project import ROOT, project_env
 from pipeline.errors import PipelineError
 from pipeline.params import SECTIONS, load_params
+from pipeline.pretrain_settings import model_config, objectives_config
+from xlm_core.model_config import default_layer
 
 BASE = yaml.safe_load((ROOT / "params.yaml").read_text())
 
@@ -81,6 +83,23 @@ def test_errors_name_key_value_and_what_is_allowed(tmp_path, mutate, section, ex
         _load(tmp_path, mutate, section)
     assert expected in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_layer_of_an_objective_that_is_off_is_not_resolved(tmp_path):
+    # the validator checks a layer only when its objective is on; objectives_config must not trip on it either
+    def off(d):
+        d["pretrain"].update(objectives={"mlm": 1.0, "tr": 0.0}, translation_ranking={"layer": 9})
+        d["pretrain"]["adversarial"].update(weight=0.0, layer=9)
+    params = _load(tmp_path, off, "pretrain")
+    n_layers = model_config(params, 100).n_layers
+    objectives = objectives_config(params, n_layers)
+    assert objectives.adversarial.layer is None and objectives.translation_ranking.layer is None
+
+    def on(d):
+        d["pretrain"].update(objectives={"mlm": 1.0, "tr": 1.0}, translation_ranking={"layer": None})
+        d["pretrain"]["adversarial"].update(weight=0.1, lambda_max=1.0, layer=None)
+    objectives = objectives_config(_load(tmp_path, on, "pretrain"), n_layers)
+    assert objectives.adversarial.layer == default_layer(n_layers) and objectives.translation_ranking.layer == n_layers
 
 
 def test_params_that_are_not_utf8_are_one_line(tmp_path):
