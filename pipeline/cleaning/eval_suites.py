@@ -3,8 +3,11 @@
 An eval source is never training text. Each of its pairs becomes one ``TextSuite`` (suite = the source name, domain
 ``out_of_domain``): its raw files decoded as clean decodes any raw file, every text normalised exactly as training
 text is (``clean.normalization``, ``clean.strip_html``), joined on id. Only what cannot be a sentence is dropped: a
-line that does not decode, or a text empty after normalisation (and so the pair it is a side of). The other segment
-filters are not applied: the suite is what the evaluation measures, not corpus text to tidy.
+line that does not decode, or a text empty after normalisation (and so the pair it is a side of), and within one
+pair an id whose source or target text equals that of an id kept before it (ids in sorted order; counted as
+``duplicate``): a repeated text (one English msgid under two msgctxt, one translation of two msgids) is a tie that
+retrieval cannot resolve. The other segment filters are not applied: the suite is what the evaluation measures, not
+corpus text to tidy.
 
 The keys (``xlm_core.text.text_key``) of every suite text, per language, are what step 3 decontaminates the training
 text against. Eval sources are small (a few thousand sentences): they are read here, in the stage's process, before
@@ -29,6 +32,7 @@ from xlm_core.text import normalize_text, text_key
 
 SUITE_DOMAIN = "out_of_domain"
 EVAL_SPLIT = "eval"  # the one rows_out key of an eval source's counts
+PAIR_REASONS = (*DECODE_REASONS, "duplicate")  # a pair's drops: a side's decoding reason, or a repeated text
 
 
 @dataclass
@@ -38,8 +42,8 @@ class EvalSuites:
     metrics: dict                    # source -> {"languages": {lang: counts}, "pairs": {src-tgt: counts}}
 
 
-def _counts_json(rows_in: int, dropped: Counter, kept: int) -> dict:
-    return {"rows_in": rows_in, "dropped": {name: dropped.get(name, 0) for name in DECODE_REASONS},
+def _counts_json(rows_in: int, dropped: Counter, kept: int, reasons: tuple[str, ...] = DECODE_REASONS) -> dict:
+    return {"rows_in": rows_in, "dropped": {name: dropped.get(name, 0) for name in reasons},
             "rows_out": {EVAL_SPLIT: kept}}
 
 
@@ -80,12 +84,18 @@ def build_eval_suites(sources: tuple[EvalSource, ...], cfg: CleanParams) -> Eval
             (src_texts, src_dropped, _), (tgt_texts, tgt_dropped, _) = read[src_lang], read[tgt_lang]
             suite = TextSuite(source.name, SUITE_DOMAIN, src_lang, tgt_lang)
             dropped: Counter = Counter()
+            seen_src: set[str] = set()
+            seen_tgt: set[str] = set()
             aligned = sorted((set(src_texts) | set(src_dropped)) & (set(tgt_texts) | set(tgt_dropped)))
             for seg_id in aligned:
                 reason = src_dropped.get(seg_id) or tgt_dropped.get(seg_id)
+                if not reason and (src_texts[seg_id] in seen_src or tgt_texts[seg_id] in seen_tgt):
+                    reason = "duplicate"  # a text of a kept id again: the first id keeps it, ties would cap retrieval
                 if reason:  # counted under the side's reason, the source side's first (as training pairs are)
                     dropped[reason] += 1
                     continue
+                seen_src.add(src_texts[seg_id])
+                seen_tgt.add(tgt_texts[seg_id])
                 suite.ids.append(seg_id)
                 suite.src.append(src_texts[seg_id])
                 suite.tgt.append(tgt_texts[seg_id])
@@ -95,7 +105,8 @@ def build_eval_suites(sources: tuple[EvalSource, ...], cfg: CleanParams) -> Eval
                      f"data/raw/{source.name}, or remove the pair from the source's pairs in download.sources")
             keys.setdefault(src_lang, set()).update(text_key(t) for t in suite.src)
             keys.setdefault(tgt_lang, set()).update(text_key(t) for t in suite.tgt)
-            pair_metrics[f"{src_lang}-{tgt_lang}"] = _counts_json(len(aligned), dropped, len(suite.ids))
+            pair_metrics[f"{src_lang}-{tgt_lang}"] = _counts_json(len(aligned), dropped, len(suite.ids),
+                                                                  PAIR_REASONS)
             suites.append(suite)
         metrics[source.name] = {"languages": {lang: counts for lang, (_, _, counts) in read.items()},
                                 "pairs": pair_metrics}

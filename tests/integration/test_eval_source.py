@@ -15,10 +15,12 @@ import yaml
 from tests.helpers.po_wheel import PO_PATTERN, make_po_wheel, webapp_catalogues
 from tests.helpers.project import project_env, python_module, run
 from pipeline.clean import clean
+from pipeline.cleaning.eval_suites import build_eval_suites
+from pipeline.cleaning.plan import EvalSource
 from pipeline.download import download
 from pipeline.errors import PipelineError
 from pipeline.fanout import InlineExecutor
-from pipeline.params import load_params
+from pipeline.params import CleanParams, load_params
 from pipeline.sources.po import entry_key
 from xlm_core.cleaning.split import SPLITS, salt_key, split_of
 from xlm_core.evaluation.suite_file import read_suites
@@ -110,11 +112,16 @@ def test_clean_writes_the_suites_and_no_eval_text_is_training_text(project):
     suites = {s.name: s for s in read_suites(out / "eval" / "suites.parquet")}
     assert sorted(suites) == ["webapp:en-es", "webapp:en-fr"]  # the configured pairs the source covers
     en_fr = suites["webapp:en-fr"]
-    assert en_fr.domain == "out_of_domain" and len(en_fr.ids) == 7
+    assert en_fr.domain == "out_of_domain" and len(en_fr.ids) == 6
     pairs = dict(zip(en_fr.src, en_fr.tgt))
     assert pairs["Log out of the site"] == "Se déconnecter du site & partir"  # normalised as training text is
     assert pairs["Delete selected items"] == "Supprimer les éléments sélectionnés"
     assert en_fr.ids == sorted(en_fr.ids)
+    # "May of the year" twice (with and without msgctxt): a tie retrieval cannot break; the first id keeps it
+    may = sorted(f"webapp:{entry_key(c, 'May of the year')}" for c in ("month", None))
+    assert may[0] in en_fr.ids and may[1] not in en_fr.ids
+    for suite in suites.values():
+        assert len(set(suite.src)) == len(suite.src) and len(set(suite.tgt)) == len(suite.tgt)
     assert len(suites["webapp:en-es"].ids) == 3
     # the eval source is no training text at all: none of its ids in any split, mono or para
     for kind in ("mono", "para"):
@@ -126,7 +133,10 @@ def test_clean_writes_the_suites_and_no_eval_text_is_training_text(project):
         assert not set(suite.src) & train[suite.src_lang] and not set(suite.tgt) & train[suite.tgt_lang]
     assert "Change password" in train["fr"]  # decontamination is per language: an English text in French stays
     evals = metrics["eval"]["webapp"]
-    assert evals["pairs"]["en-fr"]["rows_out"] == {"eval": 7} and evals["languages"]["en"]["rows_in"] == 8
+    assert evals["pairs"]["en-fr"]["rows_out"] == {"eval": 6} and evals["languages"]["en"]["rows_in"] == 8
+    assert evals["pairs"]["en-fr"]["dropped"]["duplicate"] == 1 and evals["pairs"]["en-es"]["dropped"]["duplicate"] == 0
+    for counts in evals["pairs"].values():
+        assert counts["rows_in"] == sum(counts["dropped"].values()) + sum(counts["rows_out"].values())
     assert set(metrics["sources"]) == {"toy"}  # training sources only
 
 
@@ -150,6 +160,23 @@ def test_decontamination_drops_the_planted_sentences_and_their_pairs_and_counts_
     assert all(c["dropped"]["decontaminated"] == 0 for c in metrics_off["languages"].values())
     assert "Delete selected items" in training_texts(out_off)["en"]
     assert (out_off / "eval" / "suites.parquet").read_bytes() == (out / "eval" / "suites.parquet").read_bytes()
+
+
+def test_a_repeated_text_within_a_pair_keeps_its_first_id_only(tmp_path):
+    raw = {"en": ["a\tOpen the file", "b\tOpen the file", "c\tClose the file", "d\tSave the file",
+                  "e\tPrint the file"],
+           "fr": ["a\tOuvrir le fichier", "b\tOuvrir le document", "c\tFermer", "d\tFermer",
+                  "e\tOuvrir le document"]}
+    files = {}
+    for lang, lines in raw.items():
+        files[lang] = tmp_path / f"{lang}.tsv"
+        files[lang].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    built = build_eval_suites((EvalSource("src", files, (("en", "fr"),)),), CleanParams())
+    (suite,) = built.suites
+    # b repeats a's English, d repeats c's French; e repeats the French of b, which was dropped: e stays
+    assert suite.ids == ["a", "c", "e"]
+    counts = built.metrics["src"]["pairs"]["en-fr"]
+    assert counts["dropped"]["duplicate"] == 2 and counts["rows_out"] == {"eval": 3} and counts["rows_in"] == 5
 
 
 def test_own_pairs_restrict_the_suites(tmp_path):
