@@ -4,8 +4,8 @@
     targets) and TLM per pair (fixed-seed masks), CLM perplexity when the model was trained causally, the language
     discriminator's accuracy when adversarial training was on, bitext retrieval for every configured pair (XTREME's
     Tatoeba protocol: mean-pooled layer `evaluate.layer`, cosine or ratio-margin nearest neighbour, top-1 both ways;
-    with `center`, each language's vectors first lose their mean over all of that language's test sentences in the
-    configured pairs, a suite's over the suite's file), the out-of-domain suites of data/clean/eval/suites.parquet
+    with `center`, each side of a pair first loses its mean vector over that pair's own sentences, for the test
+    split's pairs and every suite alike), the out-of-domain suites of data/clean/eval/suites.parquet
     scored exactly so (the headline figure: the test split is the training domain), a freshly fitted language-ID
     probe and the zero-shot Bible-genre probe on the test split (xlm_core.evaluation.probes), and the user's suites
     from params.yaml (retrieval on line-aligned files; zero-shot classification with a linear probe trained on one

@@ -110,14 +110,15 @@ def embedding_section(recipe: EmbeddingRecipe, languages: list[str]) -> list[str
              "- **Pooling**: the mean over the real tokens (`attention_mask`), `<s>` and `</s>` included.",
              f"- **Length**: at most {recipe.max_seq_length} tokens, `<s>` and `</s>` included (longer sentences are "
              f"truncated).",
-             ("- **Centering**: encode, then subtract each language's mean vector over your collection (all the "
-              "sentences of that language being searched). It removes what every sentence of a language shares; "
-              "sentence-transformers cannot hold this step, so do it on the encoded vectors." if recipe.center else
+             ("- **Centering**: encode, then, for a pair of collections, subtract each side's mean vector from that "
+              "side's vectors (e.g. the English sentences, and the French ones searched for their translations: each "
+              "loses its own mean). It removes what every sentence of a language shares; sentence-transformers "
+              "cannot hold this step, so do it on the encoded vectors." if recipe.center else
               "- **Centering**: none."),
              f"- **Scoring**: {scoring}", "",
              f"`SentenceTransformer` on this folder gives the evaluation's vectors before centering (in the weights' "
              f"dtype).{module}", ""]
-    center = ["src, tgt = src - src.mean(axis=0), tgt - tgt.mean(axis=0)   # each language's mean over the collection"
+    center = ["src, tgt = src - src.mean(axis=0), tgt - tgt.mean(axis=0)   # each side's mean vector"
               ] if recipe.center else []
     lines += ["```python", "from sentence_transformers import SentenceTransformer", "",
               'model = SentenceTransformer("path/to/this/folder")',
@@ -138,7 +139,7 @@ def embedding_section(recipe: EmbeddingRecipe, languages: list[str]) -> list[str
               'mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)',
               "vectors = (hidden * mask).sum(dim=1) / mask.sum(dim=1)"]
     if recipe.center:
-        lines.append("vectors = vectors - vectors.mean(dim=0)   # centering: sentences of one language at a time")
+        lines.append("vectors = vectors - vectors.mean(dim=0)   # centering: one side of the pair at a time")
     lines += ["```", ""]
     if recipe.language_embeddings:
         lines += ["**Language embeddings.** The evaluation passes each sentence's language as `token_type_ids`; "

@@ -12,8 +12,8 @@ not needed to write it, only to read it.
     1_Pooling/config.json               the mean over the real tokens (attention_mask)
     config_sentence_transformers.json   the similarity (cosine), no prompts
     embedding_recipe.json               the whole recipe, machine-readable: layer, pooling, max_seq_length, centering,
-                                        scoring (what sentence-transformers cannot hold: per-language centering and the
-                                        ratio margin are steps on the encoded vectors)
+                                        scoring (what sentence-transformers cannot hold: centering each side of a pair
+                                        of collections and the ratio margin are steps on the encoded vectors)
 
 Why it reproduces ``xlm_core.metrics.pooled_embeddings`` exactly: that function encodes ``<s> pieces[:seq_len - 2]
 </s>``, runs the embeddings and the first ``layer`` blocks, and averages over the real tokens; the tokenizer's
@@ -45,7 +45,7 @@ class EmbeddingRecipe:
     layer: int            # hidden layer mean-pooled: 0 = embeddings output, n_layers = the last block's
     n_layers: int
     max_seq_length: int   # tokens per sentence, <s> and </s> included (evaluate.seq_len)
-    center: bool          # subtract each language's mean vector over the collection searched
+    center: bool          # for a pair of collections, subtract each side's mean vector
     scoring: str          # cosine | margin (ratio margin over margin_k neighbours)
     margin_k: int
     language_embeddings: bool   # the model adds a language embedding: token_type_ids = the language's id
@@ -73,8 +73,8 @@ class EmbeddingRecipe:
             "max_seq_length": self.max_seq_length,
             "truncation": "<s>, the first max_seq_length - 2 pieces, </s> (the tokenizer's truncation=True)",
             "centering": "per_language_mean" if self.center else "none",
-            "centering_meaning": ("after encoding, subtract from each vector the mean vector of all the sentences of its "
-                                  "language in the collection being searched"
+            "centering_meaning": ("after encoding, for a pair of collections, subtract each side's mean vector from "
+                                  "that side's vectors (the queries and the candidates, one language each)"
                                   if self.center else "none"),
             "scoring": self.scoring,
             "scoring_meaning": ("cosine similarity, top-1 nearest neighbour" if self.scoring == "cosine" else

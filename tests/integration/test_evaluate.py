@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -19,6 +20,8 @@ from pipeline.eval_report import perplexity_bars, retrieval_heatmap
 from pipeline.evaluate import evaluate
 from pipeline.params import load_params
 from xlm_core.data import iter_eval_batches
+from xlm_core.evaluation.inputs import Bitext
+from xlm_core.evaluation.scoring import retrieve
 from xlm_core.metrics import (bitext_retrieval, center, eval_masking, masked_lm_score, pooled_embeddings, ratio_margin,
                               train_linear_probe, unigram_score)
 from xlm_core.model import XLMModel
@@ -115,6 +118,29 @@ def test_centering_each_language_removes_a_shared_language_offset():
     assert raw.forward < 0.5 and raw.backward < 0.5
     assert centred.forward == centred.backward == 1.0
     assert torch.allclose(center(src).mean(0), torch.zeros(d), atol=1e-4)
+
+
+def test_retrieve_centres_each_side_of_a_pair_on_that_pair_alone():
+    """The export's recipe: for a pair of collections, subtract each side's mean vector. en-fr and en-ru share the
+    language en but not its sentences: centred on the union of both pairs' English, en-fr's two English vectors both
+    lean away from one French translation; centred on en-fr's own English they are found."""
+    table = {("en", 0): [10., 1.], ("en", 1): [10., -1.], ("en", 2): [10., 8.], ("en", 3): [10., 8.],
+             ("fr", 0): [5., 6.], ("fr", 1): [5., 4.], ("ru", 2): [0., 1.], ("ru", 3): [0., -1.]}
+
+    def embed(sentences, lang):
+        return torch.tensor([table[(lang, int(s[0]))] for s in sentences])
+
+    bitexts = {"en-fr": Bitext("en", "fr", ["a0", "a1"], [np.array([0]), np.array([1])],
+                               [np.array([0]), np.array([1])]),
+               "en-ru": Bitext("en", "ru", ["b2", "b3"], [np.array([2]), np.array([3])],
+                               [np.array([2]), np.array([3])])}
+    settings = SimpleNamespace(center=True, scoring="cosine", margin_k=4)
+    got = retrieve(embed, bitexts, settings)
+    assert got["en-fr"].forward == got["en-fr"].backward == 1.0
+    for pair, bitext in bitexts.items():   # exactly what a user's retrieval suite gets: each side on its own mean
+        src, tgt = embed(bitext.src, bitext.src_lang), embed(bitext.tgt, bitext.tgt_lang)
+        alone = bitext_retrieval(center(src), center(tgt), "cosine")
+        assert (got[pair].forward, got[pair].backward) == (alone.forward, alone.backward)
 
 
 def test_ratio_margin_formula_on_a_small_matrix():

@@ -136,7 +136,7 @@ def test_layout_for_a_middle_layer_the_last_and_layer_zero(tiny):
     assert json.loads((zero / "0_Transformer" / "config.json").read_text())["num_hidden_layers"] == 0
     card = (middle / "README.md").read_text()
     assert "## Sentence embeddings" in card and "**Layer** 1 of 2" in card and "hidden_states[1]" in card
-    assert "each language's mean vector over your collection" in card and "SentenceTransformer(" in card
+    assert "for a pair of collections, subtract each side's mean vector" in card and "SentenceTransformer(" in card
 
 
 def test_sentence_transformers_gives_the_evaluated_vectors_at_every_layer(tiny):
@@ -167,23 +167,14 @@ def test_st_vectors_reproduce_the_out_of_domain_figures_of_eval_json(tiny):
                                                                                                  params_path))
     recipe = json.loads((folder / "embedding_recipe.json").read_text())
     assert recipe["centering"] == "per_language_mean" and recipe["layer"] == 1
+    assert "for a pair of collections, subtract each side's mean vector" in recipe["centering_meaning"]
 
-    # The collection searched: every sentence of each language in the suite, embedded once.
-    by_lang: dict[str, dict[str, str]] = {}
-    for s in suites:
-        by_lang.setdefault(s.src_lang, {}).update(zip(s.ids, s.src))
-        by_lang.setdefault(s.tgt_lang, {}).update(zip(s.ids, s.tgt))
-    langs = sorted(by_lang)
-    encoded = st_check([{"folder": str(folder), "texts": list(by_lang[lang].values())} for lang in langs])
-    vectors = {}
-    for lang, result in zip(langs, encoded):
-        v = np.asarray(result["st"], dtype=np.float32)
-        v = v - v.mean(axis=0)                          # the recipe's centering: the language's mean, this collection
-        vectors[lang] = dict(zip(by_lang[lang], torch.from_numpy(v)))
+    # As the card says: each pair is a pair of collections (its sources, its targets), each side loses its own mean.
+    encoded = st_check([{"folder": str(folder), "texts": texts} for s in suites for texts in (s.src, s.tgt)])
     reproduced = 0
-    for s in suites:
-        src = torch.stack([vectors[s.src_lang][i] for i in s.ids])
-        tgt = torch.stack([vectors[s.tgt_lang][i] for i in s.ids])
+    for k, s in enumerate(suites):
+        src, tgt = (torch.from_numpy(np.asarray(r["st"], dtype=np.float32)) for r in encoded[2 * k:2 * k + 2])
+        src, tgt = src - src.mean(dim=0), tgt - tgt.mean(dim=0)   # the recipe's centering
         result = bitext_retrieval(src, tgt, recipe["scoring"], recipe["margin_k"])
         for direction, value in ((s.pair, result.forward), (f"{s.tgt_lang}-{s.src_lang}", result.backward)):
             assert figures[direction]["n"] == PER_PAIR

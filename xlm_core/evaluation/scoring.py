@@ -166,7 +166,8 @@ def _score_language_models(model, discriminator, plan: EvalPlan, settings: Scori
 
 def retrieve(embed, bitexts: dict[str, Bitext], settings: ScoringSettings) -> dict[str, RetrievalResult]:
     """Top-1 retrieval both ways per pair; each (language, segment id) is embedded once, however many pairs share it,
-    and with ``settings.center`` each language's vectors lose their mean over all of its sentences in ``bitexts``."""
+    and with ``settings.center`` each side of a pair loses its mean over that pair's own sentences (the export's
+    recipe: for a pair of collections, subtract each side's mean vector; the user's suites are centred so too)."""
     needed: dict[str, dict[str, np.ndarray]] = {}
     for bitext in bitexts.values():
         needed.setdefault(bitext.src_lang, {}).update(zip(bitext.ids, bitext.src))
@@ -174,15 +175,14 @@ def retrieve(embed, bitexts: dict[str, Bitext], settings: ScoringSettings) -> di
     vectors: dict[tuple[str, str], torch.Tensor] = {}
     for lang, by_id in needed.items():
         ids = list(by_id)
-        embedded = embed([by_id[i] for i in ids], lang)
-        if settings.center:   # the language's centroid over all its sentences of this data set
-            embedded = center(embedded)
-        for seg_id, vec in zip(ids, embedded):
+        for seg_id, vec in zip(ids, embed([by_id[i] for i in ids], lang)):
             vectors[(lang, seg_id)] = vec
     out = {}
     for pair, bitext in bitexts.items():
         src = torch.stack([vectors[(bitext.src_lang, i)] for i in bitext.ids])
         tgt = torch.stack([vectors[(bitext.tgt_lang, i)] for i in bitext.ids])
+        if settings.center:   # each side on its own centroid, over this pair's sentences
+            src, tgt = center(src), center(tgt)
         out[pair] = bitext_retrieval(src, tgt, settings.scoring, settings.margin_k)
     return out
 
@@ -199,7 +199,7 @@ def _score_bitexts(embed, plan: EvalPlan, settings: ScoringSettings) -> Scores:
 
 
 def _score_out_of_domain(embed, plan: EvalPlan, settings: ScoringSettings) -> Scores:
-    """Each out-of-domain suite as the test split's bitexts (centred per suite and language): per direction, per pair
+    """Each out-of-domain suite as the test split's bitexts (each side centred per pair): per direction, per pair
     (the mean of its two directions), per suite, and the mean over every suite's pairs, the headline figure."""
     figures: Figures = {}
     counts: Counts = {}
