@@ -114,6 +114,7 @@ def make_plan(params: StageParams, model: ModelDir, shards_dir: Path, suites_pat
     probes = probe_plan(test_dir, model.tokenizer, languages, ev.max_probe_sentences, ev.seed, layer,
                         discriminator_layer)
     notes += [f"{task}: not measured ({why})" for task, why in probes.notes.items()]
+    notes += [f"genre: {note}" for note in (probes.genre.notes if probes.genre is not None else [])]
     if model.config.use_lang_emb:
         notes.append("language-ID probe: the model has language embeddings, so its input names the language")
     notes.append("MLM/TLM targets: {:.0%} of the pieces of each test block, all replaced by <mask>, with masks "

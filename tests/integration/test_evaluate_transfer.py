@@ -6,7 +6,9 @@ import json
 import random
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from tests.helpers.corpora import sentence
@@ -16,6 +18,7 @@ from pipeline.errors import PipelineError
 from pipeline.evaluate import build_model, evaluate, make_plan
 from pipeline.params import load_params
 from xlm_core.evaluation.bible_genres import GENRES, book_of, genre_of
+from xlm_core.evaluation.probes import ProbePlan, _genre_task, score_probes
 from xlm_core.evaluation.suite_file import TextSuite, write_suites
 from xlm_core.metrics import bitext_retrieval, center, pooled_embeddings, train_linear_probe
 from xlm_core.model_config import default_layer
@@ -186,6 +189,26 @@ def test_genre_probe_halves_share_no_verse_are_balanced_and_match_a_direct_fit(b
     assert other.half_a != probes.half_a
     a = {other.ids["en"][i] for i, _y in other.genre.train["en"]}
     assert not a & {other.ids[k][i] for k, rows in other.genre.test.items() for i, _y in rows}
+
+
+def test_a_language_whose_half_b_lacks_a_genre_is_named_in_a_note():
+    # one verse per (genre, half) in en and ar; fr's half B has no letters_revelation verse, ru's none of law/history
+    books = dict(zip(GENRES, (1, 6, 18, 23, 40, 45)))
+    plan = ProbePlan({}, {}, {}, 1, None, None, None)
+    for lang, absent in (("en", ()), ("fr", ("letters_revelation",)), ("ru", ("law", "history")), ("ar", ())):
+        rows = [(f"bible:{books[g]:03d}.001.{v:03d}", v == 1) for g in GENRES for v in (1, 2)
+                if v == 1 or g not in absent]
+        plan.ids[lang], plan.half_a[lang] = [r[0] for r in rows], [r[1] for r in rows]
+        plan.tokens[lang] = [np.array([5, 6]) for _ in rows]
+    task, note = _genre_task(plan, LANGS)
+    assert note is None and sorted(task.test) == ["ar", "en"]
+    assert task.notes == ["fr: not in the genre figures, its half B has no verse of letters_revelation",
+                          "ru: not in the genre figures, its half B has no verse of law, history"]
+    plan.genre = task
+    settings = SimpleNamespace(seed=0, probe=SimpleNamespace(l2=1e-3, steps=5, lr=0.05))
+    figures, counts = score_probes(lambda tokens, lang, layer: torch.randn(len(tokens), 8), plan, settings)
+    assert counts[("genre", "notes")] == "; ".join(task.notes)          # in eval.json's genre section
+    assert {key[2] for key in figures if key[:2] == ("genre", "accuracy")} == {"en", "ar"}
 
 
 def test_language_id_probe_for_both_models_at_both_layers(bible_run, tmp_path):

@@ -39,6 +39,7 @@ class ProbeTask:
     classes: list[str]
     train: dict[str, Rows]           # language -> balanced half-A rows
     test: dict[str, Rows]            # language -> balanced half-B rows
+    notes: list[str] = field(default_factory=list)   # languages left out of the figures, and why
 
 
 @dataclass
@@ -120,11 +121,18 @@ def _genre_task(plan: ProbePlan, languages: list[str]) -> tuple[Optional[ProbeTa
     train = _balanced(_half(plan, GENRE_TRAIN_LANG, labels[GENRE_TRAIN_LANG], True), len(GENRES))
     if not train:
         return None, "English half A lacks verses of some genre: a balanced six-way probe needs all six"
-    test = {lang: _balanced(_half(plan, lang, labels[lang], False), len(GENRES)) for lang in languages}
-    test = {lang: rows for lang, rows in test.items() if rows}
+    test, notes = {}, []
+    for lang in languages:
+        half_b = _half(plan, lang, labels[lang], False)
+        rows = _balanced(half_b, len(GENRES))
+        if rows:
+            test[lang] = rows
+        elif lang != GENRE_TRAIN_LANG:   # a balanced test needs every genre: say which are missing, not drop silently
+            missing = [g for k, g in enumerate(GENRES) if all(y != k for _i, y in half_b)]
+            notes.append(f"{lang}: not in the genre figures, its half B has no verse of {', '.join(missing)}")
     if GENRE_TRAIN_LANG not in test:
         return None, "English half B lacks verses of some genre: no English accuracy to measure the gap against"
-    return ProbeTask(list(GENRES), {GENRE_TRAIN_LANG: train}, test), None
+    return ProbeTask(list(GENRES), {GENRE_TRAIN_LANG: train}, test, notes), None
 
 
 # ------------------------------------------------------------------------------------------------------- scoring
@@ -180,6 +188,8 @@ def score_probes(embed: Embed, plan: ProbePlan, settings: ScoringSettings) -> tu
         counts[("genre", "chance")] = 1 / len(task.classes)
         counts[("genre", "train_lang")] = GENRE_TRAIN_LANG
         counts[("genre", "n_train")] = len(y)
+        if task.notes:
+            counts[("genre", "notes")] = "; ".join(task.notes)   # one string: dvc metrics show prints it as is
         figures[("genre", "train_accuracy")] = probe.accuracy(x, y)
         for lang, rows in task.test.items():
             figures[("genre", "accuracy", lang)] = probe.accuracy(*_stack(feats, {lang: rows}))
