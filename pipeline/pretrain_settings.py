@@ -15,6 +15,10 @@ from xlm_core.settings import OBJECTIVES, ObjectivesConfig
 # pretrain `params:` lists the complement, so editing one of these reruns nothing.
 RUNTIME_KEYS = ("eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "log_every", "nproc",
                 "threads", "compile", "device", "max_bad_steps")
+# What the objectives' settings mean, in the fingerprint: raised when a value keeps its name but changes what it
+# computes, so a checkpoint from before is not resumed under the new meaning. 2: the encoder receives the adversary's
+# gradient reversed at -lambda (pretrain.adversarial.lambda_max), no longer -weight * lambda.
+OBJECTIVES_VERSION = 2
 
 
 def model_config(params: StageParams, vocab_size: int) -> ModelConfig:
@@ -39,7 +43,7 @@ def objectives_config(params: StageParams, n_layers: int) -> ObjectivesConfig:
 def training_fingerprint(params: StageParams, tokenizer_sha: str, shards_fingerprint: str) -> tuple[str, dict]:
     settings = params.pretrain.model_dump(mode="json", exclude=set(RUNTIME_KEYS))
     identity = {"pretrain": settings, "languages": params.languages, "pairs": ["-".join(p) for p in params.pairs],
-                "tokenizer": tokenizer_sha, "shards": shards_fingerprint}
+                "tokenizer": tokenizer_sha, "shards": shards_fingerprint, "objectives_version": OBJECTIVES_VERSION}
     blob = json.dumps(identity, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest(), identity
 

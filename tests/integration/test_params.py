@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ import yaml
 from tests.helpers.project import ROOT, project_env
 from pipeline.errors import PipelineError
 from pipeline.params import SECTIONS, load_params
-from pipeline.pretrain_settings import model_config, objectives_config
+from pipeline.pretrain_settings import changed_settings, model_config, objectives_config, training_fingerprint
 from xlm_core.model_config import default_layer
 
 BASE = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -100,6 +102,18 @@ def test_a_layer_of_an_objective_that_is_off_is_not_resolved(tmp_path):
         d["pretrain"]["adversarial"].update(weight=0.1, lambda_max=1.0, layer=None)
     objectives = objectives_config(_load(tmp_path, on, "pretrain"), n_layers)
     assert objectives.adversarial.layer == default_layer(n_layers) and objectives.translation_ranking.layer == n_layers
+
+
+def test_a_checkpoint_from_before_the_adversary_strength_change_does_not_resume():
+    # lambda_max kept its name but changed meaning (the encoder gets -lambda, not -weight * lambda): the marker in the
+    # identity makes a checkpoint fingerprinted without it stale, and says so
+    params = load_params("pretrain", ROOT / "params.yaml")
+    fingerprint, identity = training_fingerprint(params, "0" * 64, "shards")
+    assert identity["objectives_version"] == 2
+    before = {k: v for k, v in identity.items() if k != "objectives_version"}
+    assert hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest() != fingerprint
+    assert changed_settings(before, identity) == ["objectives_version"]
+    assert training_fingerprint(params, "0" * 64, "shards")[0] == fingerprint   # and it is stable
 
 
 def test_params_that_are_not_utf8_are_one_line(tmp_path):
