@@ -4,7 +4,8 @@
     python bench/ablation.py --base DIR --steps 1800 --recipes mlm,mlm_tlm
     python bench/ablation.py --base DIR --minutes 5,10,20  # the default recipe's curve: steps scaled to minutes
 
-Each recipe is params.yaml with the `pretrain` overrides below (everything else as committed), trained and evaluated
+Each recipe is params.yaml with the `pretrain` overrides below (and `evaluate` ones under the key "evaluate"; everything
+else as committed), trained and evaluated
 by the stage modules themselves (`python -m pipeline.pretrain`, `python -m pipeline.evaluate`) in DIR/ablation/<name>,
 which shares DIR's data/clean, data/tokenizer and data/shards. The table: in-domain and out-of-domain retrieval
 (top-1, both directions, trained and the random-init baseline), zero-shot genre accuracy per language, the freshly
@@ -25,14 +26,16 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 OFF = {"weight": 0.0}
-# What each recipe changes in the pretrain section; a weight left out is 0. The adversary's strengths and the
-# translation ranking's settings are params.yaml's unless a recipe sets them.
+ON = {"weight": 1.0}
+# What each recipe changes in the pretrain section. The mix is the default's (mlm 2, tlm 0.5, tr 0.75) with objectives
+# switched off; the adversary's strengths (lambda_max, warm-up, layer) and translation ranking's settings are
+# params.yaml's. "default" is params.yaml as committed (today mlm_tlm_tr).
 RECIPES: dict[str, dict] = {
-    "mlm": {"objectives": {"mlm": 1.0, "tlm": 0.0, "clm": 0.0, "tr": 0.0}, "adversarial": OFF},
-    "mlm_tlm": {"objectives": {"mlm": 2.0, "tlm": 1.0, "clm": 0.0, "tr": 0.0}, "adversarial": OFF},
-    "mlm_tlm_adv": {"objectives": {"mlm": 2.0, "tlm": 1.0, "clm": 0.0, "tr": 0.0}, "adversarial": {"weight": 1.0}},
-    "mlm_tlm_tr": {"objectives": {"mlm": 2.0, "tlm": 1.0, "clm": 0.0, "tr": 1.0}, "adversarial": OFF},
-    "all": {"objectives": {"mlm": 2.0, "tlm": 1.0, "clm": 0.0, "tr": 1.0}, "adversarial": {"weight": 1.0}},
+    "mlm": {"objectives": {"mlm": 2.0, "tlm": 0.0, "clm": 0.0, "tr": 0.0}, "adversarial": OFF},
+    "mlm_tlm": {"objectives": {"mlm": 2.0, "tlm": 0.5, "clm": 0.0, "tr": 0.0}, "adversarial": OFF},
+    "mlm_tlm_adv": {"objectives": {"mlm": 2.0, "tlm": 0.5, "clm": 0.0, "tr": 0.0}, "adversarial": ON},
+    "mlm_tlm_tr": {"objectives": {"mlm": 2.0, "tlm": 0.5, "clm": 0.0, "tr": 0.75}, "adversarial": OFF},
+    "all": {"objectives": {"mlm": 2.0, "tlm": 0.5, "clm": 0.0, "tr": 0.75}, "adversarial": ON},
     "default": {},
 }
 DATA = ("clean", "tokenizer", "shards")
@@ -77,14 +80,11 @@ def prepare(base: Path, name: str, overrides: dict) -> Path:
     for folder in DATA:
         (work / "data" / folder).symlink_to(base / "data" / folder)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    overrides = dict(overrides)
+    merge(params["evaluate"], overrides.pop("evaluate", {}))   # e.g. the layer a recipe's ranking trains
     merge(params["pretrain"], overrides)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
     return work
-
-
-def mean(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
 
 
 def summarise(work: Path, minutes: float) -> dict:
@@ -108,10 +108,9 @@ def summarise(work: Path, minutes: float) -> dict:
 
 
 def _mlm_perplexity(ev: dict) -> float | None:
-    """Mean over languages of the trained model's test-split MLM perplexity, wherever eval.json keeps it."""
-    per_language = (ev.get("mlm") or {}).get("perplexity") or ev.get("mlm_perplexity") or {}
-    values = [v.get("trained") if isinstance(v, dict) else v for v in per_language.values()]
-    return mean(v for v in values if isinstance(v, (int, float)))
+    """The trained model's test-split MLM perplexity, geometric mean over languages (eval.json's mean)."""
+    mean_entry = (ev.get("mlm_perplexity") or {}).get("mean") or {}
+    return mean_entry.get("trained") if isinstance(mean_entry, dict) else None
 
 
 def pct(value) -> str:
@@ -142,6 +141,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="pretrain.steps for every recipe (default: params.yaml's)")
     parser.add_argument("--minutes", help="instead: the default recipe at these budgets, steps scaled from a "
                                           "params.yaml-length run's minutes (e.g. 5,10,20)")
+    parser.add_argument("--try", dest="extra", action="append", default=[], metavar="NAME=JSON",
+                        help="an extra recipe: pretrain overrides as JSON (repeatable), e.g. "
+                             "'tr2={\"objectives\": {\"tr\": 2.0}}'")
     parser.add_argument("--threads", type=int, default=None, help="pretrain/evaluate torch threads")
     parser.add_argument("--out", type=Path, default=None, help="JSON of every row (default: DIR/ablation.json)")
     args = parser.parse_args()
@@ -158,7 +160,10 @@ def main() -> None:
         for budget in (float(m) for m in args.minutes.split(",")):
             plan.append((f"default_{budget:g}min", {"steps": max(100, int(round(budget / per_step, -2)))}))
     else:
-        for name in args.recipes.split(","):
+        for spec in args.extra:
+            name, _, text = spec.partition("=")
+            plan.append((name, dict(json.loads(text), **({"steps": args.steps} if args.steps else {}))))
+        for name in (args.recipes.split(",") if args.recipes else []):
             if name not in RECIPES:
                 raise SystemExit(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
             plan.append((name, dict(RECIPES[name], **({"steps": args.steps} if args.steps else {}))))
