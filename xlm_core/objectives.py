@@ -257,7 +257,7 @@ def total_loss(model: nn.Module, batches: Mapping[str, Batch], cfg: ObjectivesCo
         logs.update(part_logs)
     if cfg.tr_weight > 0 and "tr" in batches:
         loss, part_logs = translation_ranking_loss(model, batches["tr"], cfg.translation_ranking)
-        parts.append(cfg.tr_weight * loss)
+        parts.append(cfg.tr_weight * cfg.translation_ranking.loss_weight * loss)
         logs.update(part_logs)
     if not parts:
         raise ValueError(f"total_loss: no objective to compute from batches {sorted(batches)} with weights "

@@ -110,8 +110,12 @@ class TranslationRankingConfig:
     temperature: float = 0.05       # softmax temperature of the cosine similarities
     margin: float = 0.0             # additive margin subtracted from the true pair's cosine (LaBSE: 0.3)
     layer: Optional[int] = None     # pooled hidden states after this block; null = the last one
+    loss_weight: float = 1.0        # multiplies the loss (its gradients are larger than MLM's, and Adam's second
+                                    # moments are shared: a full-size ranking loss shrank MLM's steps)
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.loss_weight) and 0 < self.loss_weight <= 10):
+            raise ValueError(f"TranslationRankingConfig.loss_weight = {self.loss_weight!r}: must be in (0, 10]")
         if self.pairs < 2:
             raise ValueError(f"TranslationRankingConfig.pairs = {self.pairs!r}: needs >= 2 (the others are negatives)")
         if self.max_len < 3:

@@ -97,8 +97,12 @@ def test_tr_enters_total_loss_and_settings_refuse_bad_values():
     batch = build_dual_batch(sentences(4, 0), sentences(4, 1), 0, 1, max_len=16)
     total, logs = total_loss(model, {"tr": batch}, cfg, torch.Generator().manual_seed(0))
     assert total.item() == pytest.approx(0.5 * logs["tr_loss"], rel=1e-6)
+    scaled = ObjectivesConfig(tr_weight=0.5, translation_ranking=TranslationRankingConfig(layer=2, loss_weight=0.2))
+    total, logs = total_loss(model, {"tr": batch}, scaled, torch.Generator().manual_seed(0))
+    assert total.item() == pytest.approx(0.1 * logs["tr_loss"], rel=1e-6)
     assert ObjectivesConfig.from_dict(cfg.to_dict()) == cfg
-    for bad in ({"pairs": 1}, {"temperature": 0.0}, {"margin": 1.0}, {"layer": -1}, {"max_len": 2}):
+    for bad in ({"pairs": 1}, {"temperature": 0.0}, {"margin": 1.0}, {"layer": -1}, {"max_len": 2},
+                {"loss_weight": 0.0}, {"loss_weight": float("nan")}):
         with pytest.raises(ValueError, match="TranslationRankingConfig"):
             TranslationRankingConfig(**bad)
     with pytest.raises(ValueError, match="has 2 layers"):
