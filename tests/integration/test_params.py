@@ -65,7 +65,7 @@ def test_the_shipped_params_validate_for_every_stage():
     (lambda d: d["download"].update(backoff_s=float("inf")), "download",
      "download.backoff_s = inf: Input should be less than or equal to 3600"),
     (lambda d: d.update({7: 1, "zz": 2}), "clean", "unknown top-level key '7'"),
-    (lambda d: d["pretrain"]["adversarial"].update(layer=99), "pretrain",
+    (lambda d: d["pretrain"]["adversarial"].update(layer=99, weight=1.0), "pretrain",
      "pretrain.adversarial.layer = 99: the model has 2 layers; use 1 to 2, or null for the middle one"),
     (lambda d: d["pretrain"]["adversarial"].update(lambda_max=float("inf")), "pretrain",
      "pretrain.adversarial.lambda_max = inf: must be a finite number >= 0"),
