@@ -40,11 +40,16 @@ def _micro_batches(step: int, rank: int) -> list[dict]:
             for i in range(0, per_rank, size)]
 
 
-def _train(rank: int, parallel: str, port: int, out: str) -> None:
+def _join_gloo_group(rank: int, port: int) -> None:
+    """This process as rank ``rank`` of a WORLD-process gloo group on 127.0.0.1:``port``, one thread."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     parallelize.init_distributed()
+
+
+def _train(rank: int, parallel: str, port: int, out: str) -> None:
+    _join_gloo_group(rank, port)
     try:
         torch.manual_seed(0)
         cfg = ModelConfig.preset("tiny", vocab_size=100, n_languages=2, dropout=0.0, attention_dropout=0.0)
@@ -87,10 +92,7 @@ def test_fsdp_on_two_gloo_ranks_trains_to_the_weights_of_ddp(tmp_path):
 def _train_with_tr(rank: int, port: int, out: str) -> None:
     """DDP, no discriminator, mlm and tr steps in turn; tr pools below the last block, so the MLM head and the top
     block get no gradient in a tr step (DDP without find_unused_parameters fails at the step after)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    parallelize.init_distributed()
+    _join_gloo_group(rank, port)
     try:
         torch.manual_seed(0)
         cfg = ModelConfig.preset("tiny", vocab_size=100, n_languages=2, dropout=0.0, attention_dropout=0.0)
