@@ -9,7 +9,8 @@ Two ways in:
 
 Both reconnect after a dropped connection or a timeout by asking for the rest of the body (``Range: bytes=<pos>-``,
 checked against the 206 reply's Content-Range), and retry 5xx replies, with exponential backoff. A 4xx reply is the
-user's to fix, so it fails at once.
+user's to fix, so it fails at once, and so does a reply whose Content-Type says HTML: every URL source is a text, TSV
+or Moses file (possibly compressed), and an HTML page is a landing or login page, never the corpus.
 """
 from __future__ import annotations
 
@@ -49,6 +50,23 @@ class HttpSettings:
 
 class HttpStatusError(PipelineError):
     """The server refused the request for good (a 4xx reply): fix the URL, retrying will not help."""
+
+
+class HtmlPageError(HttpStatusError):
+    """The server answered with an HTML page (Content-Type text/html): a landing or error page, not the corpus."""
+
+
+HTML_TYPES = ("text/html", "application/xhtml+xml")
+
+
+def _refuse_html(resp, url: str, label: str) -> None:
+    content_type = resp.headers.get("Content-Type", "") or ""
+    if content_type.split(";")[0].strip().lower() in HTML_TYPES:
+        resp.close()
+        shown = content_type if len(content_type) <= 80 else content_type[:80] + f"... ({len(content_type)} chars)"
+        raise HtmlPageError(
+            f"{label}: GET {url}: the server sent an HTML page (Content-Type {shown!r}), not a text, TSV or Moses "
+            f"file; use the URL of the file itself (a direct download link, not the web page that offers it)")
 
 
 class _Transient(Exception):
@@ -179,7 +197,7 @@ class HttpBody(io.RawIOBase):
     def _urlopen(self, req: urllib.request.Request) -> http.client.HTTPResponse | urllib.error.HTTPError:
         """The response, or the 416 error reply (a Range past the end); raise for every other failure."""
         try:
-            return urllib.request.urlopen(req, timeout=self.settings.timeout_s)  # noqa: S310 (scheme checked)
+            resp = urllib.request.urlopen(req, timeout=self.settings.timeout_s)  # noqa: S310 (scheme checked)
         except urllib.error.HTTPError as exc:
             if exc.code == 416:
                 return exc  # handled by the caller: a Range past the end
@@ -190,6 +208,8 @@ class HttpBody(io.RawIOBase):
                 f"{self.label}: GET {self.url}: HTTP {exc.code} {exc.reason}; check the URL") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             raise _Transient() from exc
+        _refuse_html(resp, self.url, self.label)
+        return resp
 
     def _open(self, first: bool) -> None:
         resp = self._urlopen(self._request(self.pos))
