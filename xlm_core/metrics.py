@@ -163,20 +163,8 @@ def causal_lm_score(model: XLMModel, batches: Iterable[EvalBatch], device: torch
 def _hidden_at(model: XLMModel, input_ids: torch.Tensor, lang_ids: Optional[torch.Tensor],
                attention_mask: Optional[torch.Tensor], layer: int) -> torch.Tensor:
     """Hidden states after block ``layer``, running only the blocks below it (half the work for the middle layer)."""
-    cfg = model.config
-    if layer >= cfg.n_layers:  # the last layer (after the final LayerNorm of a pre-LN model)
-        return model(input_ids, lang_ids=lang_ids, attention_mask=attention_mask).hidden
-    x = model.embed(input_ids, lang_ids)
-    keep = None
-    if attention_mask is not None:
-        keep = attention_mask.bool()[:, None, None, :]
-    if cfg.causal:  # the attention the model was trained with; SDPA takes a mask or is_causal, so fold it in
-        T = input_ids.shape[1]
-        tril = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
-        keep = tril if keep is None else keep & tril
-    for block in model.blocks[:layer]:
-        x = block(x, keep, False)
-    return x
+    return model(input_ids, lang_ids=lang_ids, attention_mask=attention_mask, return_layer=layer,
+                 stop_at_layer=True).layer_hidden
 
 
 @torch.inference_mode()

@@ -166,6 +166,7 @@ class XLMModel(nn.Module):
         causal: Optional[bool] = None,
         target_index: Optional[torch.Tensor] = None,
         return_layer: Optional[int] = None,
+        stop_at_layer: bool = False,
     ) -> ModelOutput:
         """Encode a right-padded batch.
 
@@ -174,6 +175,8 @@ class XLMModel(nn.Module):
         tokens that are not pad_id; no mask at all when nothing is padded). causal overrides config.causal.
         target_index: flat indices into B*T where the MLM head is applied -> logits [N, vocab].
         return_layer k: also return the hidden states after block k (0 = embeddings, negative counts from the end).
+        stop_at_layer: run no block above return_layer (a pooled embedding of a lower layer then costs only the blocks
+        below it); hidden is that layer's too, and there are no logits.
         """
         cfg = self.config
         is_causal = cfg.causal if causal is None else causal
@@ -181,14 +184,21 @@ class XLMModel(nn.Module):
             if not -(cfg.n_layers + 1) <= return_layer <= cfg.n_layers:
                 raise ValueError(f"return_layer = {return_layer}: this model has layers 0..{cfg.n_layers}")
             return_layer %= cfg.n_layers + 1
+        stop = return_layer if stop_at_layer and return_layer is not None and return_layer < cfg.n_layers else None
+        if stop is not None and target_index is not None:
+            raise ValueError("stop_at_layer skips the MLM head: do not pass target_index with it")
 
         x = self.embed(input_ids, lang_ids, position_ids)
+        if stop == 0:
+            return ModelOutput(hidden=x, logits=None, layer_hidden=x)
         attn_mask, sdpa_causal = self._attention_mask(input_ids, attention_mask, is_causal)
         layer_hidden = x if return_layer == 0 else None
         for i, block in enumerate(self.blocks, start=1):
             x = block(x, attn_mask, sdpa_causal)
             if i == return_layer:
                 layer_hidden = x
+            if i == stop:
+                return ModelOutput(hidden=x, logits=None, layer_hidden=x)
         if self.final_ln is not None:
             x = self.final_ln(x)
             if return_layer == cfg.n_layers:

@@ -195,7 +195,7 @@ def translation_ranking_loss(model: nn.Module, batch: Batch, cfg: TranslationRan
     layer = cfg.layer_of(model.config.n_layers)
     attention_mask = batch.get("attention_mask")
     out = model(input_ids, lang_ids=batch.get("lang_ids"), attention_mask=attention_mask, causal=False,
-                return_layer=layer)
+                return_layer=layer, stop_at_layer=True)      # the blocks above the pooled layer get no gradient here
     pooled = F.normalize(masked_mean(out.layer_hidden, attention_mask).float(), dim=-1)
     n = pooled.shape[0] // 2
     similarity = pooled[:n] @ pooled[n:].T                                  # [N, N], true pairs on the diagonal

@@ -267,6 +267,26 @@ def test_return_layer_gives_intermediate_states():
         model(ids, return_layer=3)
 
 
+@pytest.mark.parametrize("causal,pre_ln", [(False, False), (True, False), (False, True)])
+def test_stop_at_layer_gives_the_same_states_and_leaves_upper_blocks_out(causal, pre_ln):
+    torch.manual_seed(0)
+    model = XLMModel(tiny(causal=causal, pre_ln=pre_ln))
+    ids = random_ids(3, 9)
+    ids[1, 6:] = PAD
+    mask = ids != PAD
+    for layer in range(model.config.n_layers + 1):
+        full = model(ids, attention_mask=mask, return_layer=layer)
+        cut = model(ids, attention_mask=mask, return_layer=layer, stop_at_layer=True)
+        torch.testing.assert_close(cut.layer_hidden, full.layer_hidden)
+        assert cut.logits is None
+    model.zero_grad()
+    model(ids, attention_mask=mask, return_layer=1, stop_at_layer=True).layer_hidden.sum().backward()
+    assert all(p.grad is None for p in model.blocks[1:].parameters())    # the blocks above never ran
+    assert model.blocks[0].attn.qkv.weight.grad is not None
+    with pytest.raises(ValueError, match="target_index"):
+        model(ids, return_layer=1, stop_at_layer=True, target_index=torch.tensor([0]))
+
+
 def test_pre_ln_variant_runs_and_differs():
     torch.manual_seed(0)
     post, pre = XLMModel(tiny()), XLMModel(tiny(pre_ln=True))
