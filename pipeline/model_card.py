@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import yaml
+
 from xlm_core.hf_tokenizer import SPECIAL
 from xlm_core.model_config import ModelConfig
 from xlm_core.sentence_transformers_layout import RECIPE_FILE, EmbeddingRecipe
@@ -22,9 +24,12 @@ def model_card(name: str, license_: str, config: ModelConfig, languages: list[st
                n_params: int, training: dict[str, Any], recipe: Optional[EmbeddingRecipe] = None) -> str:
     """The card's markdown; ``training`` is the model folder's record of the run (``ModelDir.training``), ``recipe``
     the evaluate stage's sentence embedding (the export's sentence-transformers layout)."""
-    tags = "xlm-roberta, cross-lingual, masked-lm, xlm-pipeline" + (", sentence-transformers" if recipe else "")
-    front = ["---", f"language: [{', '.join(languages)}]", f"license: {license_}", "library_name: transformers",
-             "pipeline_tag: fill-mask", f"tags: [{tags}]", "---", ""]
+    tags = ["xlm-roberta", "cross-lingual", "masked-lm", "xlm-pipeline"] + (["sentence-transformers"] if recipe else [])
+    # The metadata goes through a YAML serializer: a value from params.yaml (the license) is quoted and escaped there,
+    # so "a: b #c" or "mit\nbase_model: x" stays one string and cannot add keys to the card's front matter.
+    metadata = {"language": list(languages), "license": license_, "library_name": "transformers",
+                "pipeline_tag": "fill-mask", "tags": tags}
+    front = ["---", yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True, width=1000).rstrip("\n"), "---", ""]
     lines = [*front, f"# {name}", "",
              f"A cross-lingual encoder in the XLM-R architecture, pretrained with xlm-pipeline on "
              f"{len(languages)} languages ({', '.join(languages)}).", "",

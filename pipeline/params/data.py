@@ -15,6 +15,15 @@ class SplitFractions(Strict):
     valid: float = Field(default=0.02, ge=0, lt=0.5)
     test: float = Field(default=0.02, ge=0, lt=0.5)
 
+    @model_validator(mode="after")
+    def _training_keeps_half(self):
+        held_out = self.valid + self.test
+        if held_out > 0.5:
+            raise ValueError(f"test = {self.test}: with valid {self.valid} it holds out {100 * held_out:.0f} % of "
+                             f"the text, leaving {100 * (1 - held_out):.0f} % for training; keep valid + test <= 0.5 "
+                             f"(e.g. 0.02 each)")
+        return self
+
 
 class CleanParams(Strict):
     normalization: Literal["NFC", "NFKC"] = "NFC"

@@ -87,3 +87,10 @@ class ExportParams(Strict):
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     license: str = Field(default="apache-2.0", min_length=1, max_length=64)
 
+    @model_validator(mode="after")
+    def _license_is_one_line(self):
+        if any(ord(c) < 32 for c in self.license):
+            raise ValueError(f"license = {self.license[:40]!r}: must be one line, a license id such as apache-2.0, "
+                             f"mit or cc-by-4.0 (it becomes the card's license field)")
+        return self
+

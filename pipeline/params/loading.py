@@ -1,7 +1,10 @@
 """Reading params.yaml: the shared keys, one section validated by its schema, problems as one line."""
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import difflib
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +102,7 @@ def _describe(exc: ValidationError, prefix: str, model: type[BaseModel], path: s
     if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # the latter: a library dataclass
         parent = err["loc"][:-1]
         allowed = _allowed_keys(model, parent)
-        hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+        hint = f"; allowed keys: {_key_list(allowed, str(err['loc'][-1]))}" if allowed else ""
         return f"{path}: unknown key '{where}'{hint}"
     if err["type"] == "missing":
         return f"{path}: missing key '{where}'; add it (see README.md for its meaning)"
@@ -116,13 +119,31 @@ def _describe(exc: ValidationError, prefix: str, model: type[BaseModel], path: s
         if named:
             key = f"{where}.{named['key']}" if where else named["key"]
             return f"{path}: {key} = {named['rest']}"
-    shown = repr(value) if not isinstance(value, (dict, list)) else _short(value)
-    return f"{path}: {where} = {shown}: {msg}"
+    if isinstance(value, float) and not math.isfinite(value):
+        msg = "must be a finite number"     # pydantic would judge NaN against the range ("less than or equal to 1")
+    if not where:   # a rule of the whole mapping (e.g. shared keys): its message starts with the key it is about
+        return f"{path}: {msg}"
+    return f"{path}: {where} = {_short(value)}: {msg}"
 
 
-def _short(value: Any) -> str:
+def _key_list(allowed: list[str], typed: str, budget: int = 240) -> str:
+    """The allowed keys; past ``budget`` characters the closest to the typo first, then cut (the line stays short)."""
+    if len(", ".join(allowed)) <= budget:
+        return ", ".join(allowed)
+    close = difflib.get_close_matches(typed, allowed, n=3, cutoff=0.5)
+    shown: list[str] = []
+    for key in close + [k for k in allowed if k not in close]:
+        if len(", ".join(shown + [key])) > budget - 30:
+            break
+        shown.append(key)
+    more = len(allowed) - len(shown)
+    return ", ".join(shown) + (f" and {more} more (see README.md)" if more > 0 else "")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to ``limit`` characters with the full length named (a 1 MiB string is not echoed whole)."""
     text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return text if len(text) <= limit else f"{text[:limit - 3]}... ({len(text)} characters)"
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -167,23 +188,44 @@ def read_yaml(path: str | Path = PARAMS_FILE) -> dict:
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"{path}: file not found; run from the project root or pass --params PATH")
+    data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise PipelineError(f"{path}: looks like UTF-16 (byte-order mark); convert it to UTF-8 "
+                            f"(e.g. iconv -f UTF-16 -t UTF-8)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        line = path.read_bytes()[:exc.start].count(b"\n") + 1
-        raise PipelineError(f"{path}: line {line} is not valid UTF-8 (byte {exc.object[exc.start]:#04x}); save the "
-                            f"file as UTF-8") from None
+        line = data[:exc.start].count(b"\n") + 1
+        raise PipelineError(f"{path}: line {line} is not valid UTF-8 (byte {exc.object[exc.start]:#04x} at offset "
+                            f"{exc.start}); save the file as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise PipelineError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
+    if raw is None:
+        raise PipelineError(f"{path}: the file is empty; restore it (git checkout {path.name}) or write its sections")
     if not isinstance(raw, dict):
         raise PipelineError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
     return raw
 
 
+_LONG_WORD = re.compile(r"\S{81,}")
+
+
+def _cut_long_words(message: str) -> str:
+    """A value echoed anywhere in a message (a rule's own f-string too) is cut to 80 characters, its length named."""
+    return _LONG_WORD.sub(lambda m: f"{m[0][:77]}... ({len(m[0])} characters)", message)
+
+
 def load_params(section: str, path: str | Path = PARAMS_FILE) -> StageParams:
     """Validate the shared keys and ``section`` of params.yaml; raise PipelineError with one precise line."""
+    try:
+        return _load_params(section, path)
+    except PipelineError as exc:
+        raise PipelineError(_cut_long_words(str(exc))) from None
+
+
+def _load_params(section: str, path: str | Path) -> StageParams:
     if section not in SECTIONS:
         raise ValueError(f"no schema for section {section!r}")  # a bug in the caller, not user input
     raw = read_yaml(path)
@@ -209,6 +251,10 @@ def load_params(section: str, path: str | Path = PARAMS_FILE) -> StageParams:
 
 
 def _cross_check(section: str, validated: BaseModel, shared: Shared, path: str) -> None:
+    if section == "pretrain" and validated.adversarial.enabled and len(shared.languages) < 2:  # type: ignore[attr-defined]
+        raise PipelineError(
+            f"{path}: pretrain.adversarial.weight = {validated.adversarial.weight}: the language adversary needs "  # type: ignore[attr-defined]
+            f"at least two languages (languages = {shared.languages}); set it to 0 or add languages")
     if section == "download":
         for i, src in enumerate(validated.sources):  # type: ignore[attr-defined]
             extra = [lang for lang in src.languages if lang not in shared.languages]

@@ -61,9 +61,9 @@ def test_the_shipped_params_validate_for_every_stage():
     (lambda d: d["pretrain"]["optimizer"].update(betas=[1.5, 0.98]), "pretrain",
      "pretrain.optimizer.betas[0] = 1.5: Input should be less than 1"),
     (lambda d: d["download"].update(timeout_s=float("inf")), "download",
-     "download.timeout_s = inf: Input should be less than or equal to 86400"),
+     "download.timeout_s = inf: must be a finite number"),
     (lambda d: d["download"].update(backoff_s=float("inf")), "download",
-     "download.backoff_s = inf: Input should be less than or equal to 3600"),
+     "download.backoff_s = inf: must be a finite number"),
     (lambda d: d.update({7: 1, "zz": 2}), "clean", "unknown top-level key '7'"),
     (lambda d: d["pretrain"]["adversarial"].update(layer=99, weight=1.0), "pretrain",
      "pretrain.adversarial.layer = 99: the model has 2 layers; use 1 to 2, or null for the middle one"),
@@ -119,7 +119,7 @@ def test_a_checkpoint_from_before_the_adversary_strength_change_does_not_resume(
 def test_params_that_are_not_utf8_are_one_line(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_bytes((ROOT / "params.yaml").read_bytes().replace(b"languages:", b"lang\xffuages:", 1))
-    with pytest.raises(PipelineError, match=r"line \d+ is not valid UTF-8 \(byte 0xff\); save the file as UTF-8"):
+    with pytest.raises(PipelineError, match=r"line \d+ is not valid UTF-8 \(byte 0xff at offset \d+\); save the file as UTF-8"):
         load_params("clean", path)
 
 
