@@ -33,7 +33,7 @@ from xlm_core.model_dir import save_model_dir  # noqa: E402
 from xlm_core.shards import ShardSet  # noqa: E402
 from xlm_core.tokenizer import Tokenizer, TokenizerError  # noqa: E402
 from xlm_core.train import parallelize, runtime  # noqa: E402
-from xlm_core.train.checkpoint import CheckpointManager  # noqa: E402
+from xlm_core.train.checkpoint import CheckpointManager, settle_set_aside  # noqa: E402
 from xlm_core.train.sinks import DVCLiveSink, StderrProgress, TrainLog, progress_file_sink  # noqa: E402
 from xlm_core.train.task import PretrainTask, micro_batch_loss  # noqa: E402
 from xlm_core.train.trainer import Trainer, lr_multiplier, seq_len_schedule  # noqa: E402
@@ -81,7 +81,8 @@ def pretrain(params: StageParams, shards_dir: Path, tokenizer_dir: Path, checkpo
     resume_step = checkpoints.find_resumable(fingerprint)
     if checkpoints.stale is not None:
         changed = changed_settings(checkpoints.stale[1], identity) or ["(unknown)"]
-        say(f"settings changed since checkpoint {checkpoints.stale[0]} ({', '.join(changed)}): starting fresh")
+        say(f"settings changed since checkpoint {checkpoints.stale[0]} ({', '.join(changed)}): starting fresh (the "
+            f"old checkpoints are kept until this run writes its first one)")
     if resume_step is None and p.embeddings.vectors and is_main:
         coverage = init_model_embeddings(model, p.embeddings.vectors, tokenizer, p.seed)
         print(coverage_line(coverage), file=sys.stderr, flush=True)
@@ -189,7 +190,12 @@ def main(argv: list[str] | None = None) -> int:
             runtime.device_type(p.device, p.nproc)             # first, so that workers that could not run never start
             launched = launch_workers(p.nproc, "pipeline.pretrain", sys.argv[1:] if argv is None else argv)
         else:
-            pretrain(params, args.shards, args.tokenizer, args.checkpoints, args.out, args.metrics, args.live)
+            try:
+                pretrain(params, args.shards, args.tokenizer, args.checkpoints, args.out, args.metrics, args.live)
+            except BaseException:
+                if os.environ.get("RANK", "0") == "0":
+                    settle_set_aside(args.checkpoints)   # a failed start puts other settings' checkpoints back
+                raise
 
     return run_cli("pretrain", run) or launched
 

@@ -161,6 +161,21 @@ def test_changed_settings_start_fresh(corpus, tmp_path):
     assert "resuming from step-000000006" in third.stderr
 
 
+def test_a_failed_start_under_new_settings_keeps_the_old_checkpoints(corpus, tmp_path):
+    run_dir = tmp_path / "r"
+    write_run_params(run_dir, corpus, steps=6)
+    run(pretrain_cmd(run_dir, corpus), ROOT, env=env1())
+    checkpoints = run_dir / "checkpoints"
+    before = {str(p.relative_to(checkpoints)): p.read_bytes() for p in sorted(checkpoints.rglob("*")) if p.is_file()}
+    assert any("step-000000006" in name for name in before)
+    # new settings whose input fails only after the checkpoints were looked at: a missing word-vectors file
+    write_run_params(run_dir, corpus, steps=6, **{"optimizer.lr": 0.001, "embeddings.vectors": str(tmp_path / "no.vec")})
+    failed = run(pretrain_cmd(run_dir, corpus), ROOT, env=env1(), check=False)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    after = {str(p.relative_to(checkpoints)): p.read_bytes() for p in sorted(checkpoints.rglob("*")) if p.is_file()}
+    assert after == before
+
+
 def test_ddp_two_ranks_equal_one_rank_with_accumulation(corpus, tmp_path):
     common = {"steps": 6, "checkpoint_every": 6, "eval_every": 100, "model.dropout": 0.1,
               "adversarial.weight": 0.0}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from xlm_core.train.checkpoint import CheckpointManager, checkpoint_dir, list_checkpoints
+from xlm_core.train.checkpoint import CheckpointManager, checkpoint_dir, list_checkpoints, settle_set_aside
 from xlm_core.train.parallelize import FullState
 from xlm_core.train.trainer import Trainer, lr_multiplier
 
@@ -67,9 +67,33 @@ def test_a_half_written_newer_checkpoint_is_named_and_skipped(tmp_path):
     assert len(said) == 1 and "ignoring incomplete checkpoint" in said[0] and "step-000000009" in said[0]
 
 
-def test_a_checkpoint_of_other_settings_is_reported_and_cleared(tmp_path):
+def test_a_checkpoint_of_other_settings_is_reported_and_set_aside(tmp_path):
     _manager(tmp_path, _run(0)).save(5)
     manager = _manager(tmp_path, _run(1), fingerprint="other")
     assert manager.find_resumable("other") is None
     assert manager.stale == ("step-000000005", {"lr": 0.1})
     assert list_checkpoints(tmp_path) == []
+
+
+def _tree(root) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_other_settings_checkpoints_survive_a_failed_start_and_go_at_the_first_save(tmp_path):
+    _manager(tmp_path, _run(0)).save(5)
+    _manager(tmp_path, _run(0)).save(10)
+    before = _tree(tmp_path)
+    # a start under new settings that fails before its first checkpoint (bad vectors, a NaN loss, a kill)
+    manager = _manager(tmp_path, _run(1), fingerprint="other")
+    assert manager.find_resumable("other") is None and list_checkpoints(tmp_path) == []   # set aside, not deleted
+    settle_set_aside(tmp_path)                       # what pretrain does on any failure (and the next start on a kill)
+    assert _tree(tmp_path) == before
+    # killed before settling: the next start puts them back first, then the old settings resume
+    assert _manager(tmp_path, _run(1), fingerprint="other").find_resumable("other") is None
+    assert _manager(tmp_path, _run(2)).find_resumable("fp") == 10 and _tree(tmp_path) == before
+    # the new run's first checkpoint retires them
+    manager = _manager(tmp_path, _run(1), fingerprint="other")
+    assert manager.find_resumable("other") is None
+    manager.save(1)
+    assert [step for step, _p in list_checkpoints(tmp_path)] == [1]
+    assert not list(tmp_path.glob("*.stale"))

@@ -35,6 +35,9 @@ from xlm_core.errors import XLMError
 from xlm_core.train.parallelize import barrier
 
 _NAME = re.compile(r"^step-(\d{9})$")
+# A run with new settings moves the old checkpoints aside under this suffix and deletes them only once it has written
+# its own first checkpoint: a start that fails before (bad vectors, a NaN loss, a kill) leaves them in place.
+STALE_SUFFIX = ".stale"
 COMMIT = "COMMIT"
 FILES = ("model.safetensors", "state.pt", "meta.json")
 
@@ -173,6 +176,29 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return Checkpoint(path=path, step=int(meta["step"]), model=model, state=state, meta=meta)
 
 
+def set_aside(root: str | Path) -> int:
+    """Rename every ``step-*`` folder to ``step-*.stale`` (out of list_checkpoints' and prune's sight)."""
+    moved = 0
+    for _step, path in list_checkpoints(root):
+        os.replace(path, path.with_name(path.name + STALE_SUFFIX))
+        moved += 1
+    return moved
+
+
+def settle_set_aside(root: str | Path) -> None:
+    """Checkpoints set aside by a new run: deleted once that run committed a checkpoint of its own, else put back."""
+    root = Path(root)
+    aside = sorted(root.glob(f"step-*{STALE_SUFFIX}")) if root.is_dir() else []
+    if not aside:
+        return
+    replaced = any(is_committed(p, verify_hash=False) for _s, p in list_checkpoints(root))
+    for path in aside:
+        if replaced:
+            _delete(path)
+        else:
+            os.replace(path, path.with_name(path.name[:-len(STALE_SUFFIX)]))
+
+
 def clear(root: str | Path) -> int:
     """Remove every checkpoint under ``root`` (used when training restarts with different settings)."""
     removed = 0
@@ -212,9 +238,11 @@ class CheckpointManager:
         """The step of the newest valid checkpoint made with ``fingerprint``, or None.
 
         Incomplete checkpoints (killed while writing, damaged) are named and skipped. When the newest valid one was
-        made with other settings, ``stale`` keeps its name and identity (to say what changed) and rank 0 clears the
-        folder: the run starts fresh.
+        made with other settings, ``stale`` keeps its name and identity (to say what changed) and rank 0 sets the
+        checkpoints aside (``set_aside``): the run starts fresh, and they are deleted at its first save.
         """
+        if self.is_main:
+            settle_set_aside(self.root)   # a previous start under new settings that failed before its first save
         latest = latest_checkpoint(self.root)
         latest_step = int(_NAME.match(latest.name).group(1)) if latest is not None else -1
         for step, path in list_checkpoints(self.root):
@@ -231,7 +259,7 @@ class CheckpointManager:
             return latest_step
         self.stale = (latest.name, meta.get("identity", {}))
         if self.is_main:
-            clear(self.root)
+            set_aside(self.root)
         return None
 
     def track(self, *, weights: Stateful, trainer: Stateful, loader: Stateful, meta: dict[str, Any]) -> None:
@@ -246,6 +274,7 @@ class CheckpointManager:
             state = {"optimizer": full["optimizer"], **self._pieces["trainer"].state_dict()}
             meta = {**self._meta, "loader": self._pieces["loader"].state_dict()}
             save_checkpoint(self.root, step, full["model"], state, meta, keep_last=self.keep_last)
+            settle_set_aside(self.root)   # this run has a checkpoint now: the other settings' ones go
         barrier()
         return target
 
