@@ -199,16 +199,6 @@ def settle_set_aside(root: str | Path) -> None:
             os.replace(path, path.with_name(path.name[:-len(STALE_SUFFIX)]))
 
 
-def clear(root: str | Path) -> int:
-    """Remove every checkpoint under ``root`` (used when training restarts with different settings)."""
-    removed = 0
-    for _step, path in list_checkpoints(root):
-        _delete(path)
-        removed += 1
-    prune(root, keep_last=0)
-    return removed
-
-
 class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
