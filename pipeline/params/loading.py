@@ -140,9 +140,12 @@ def _key_list(allowed: list[str], typed: str, budget: int = 240) -> str:
     return ", ".join(shown) + (f" and {more} more (see README.md)" if more > 0 else "")
 
 
-def _short(value: Any, limit: int = 80) -> str:
-    """repr(value), cut to ``limit`` characters with the full length named (a 1 MiB string is not echoed whole)."""
-    text = repr(value)
+def _short(value: Any) -> str:
+    return _cut(repr(value))
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters with its full length named (a 1 MiB string is not echoed whole)."""
     return text if len(text) <= limit else f"{text[:limit - 3]}... ({len(text)} characters)"
 
 
@@ -214,7 +217,7 @@ _LONG_WORD = re.compile(r"\S{81,}")
 
 def _cut_long_words(message: str) -> str:
     """A value echoed anywhere in a message (a rule's own f-string too) is cut to 80 characters, its length named."""
-    return _LONG_WORD.sub(lambda m: f"{m[0][:77]}... ({len(m[0])} characters)", message)
+    return _LONG_WORD.sub(lambda m: _cut(m[0]), message)
 
 
 def load_params(section: str, path: str | Path = PARAMS_FILE) -> StageParams:
