@@ -6,6 +6,7 @@ import importlib
 import sys
 
 STAGES = {
+    "params": "validate every section of params.yaml (the first stage of dvc.yaml)",
     "download": "fetch the corpus sources listed in params.yaml into data/raw/",
     "clean": "normalise, filter, de-duplicate and split into data/clean/",
     "tokenizer": "train the shared sentencepiece vocabulary into data/tokenizer/",
@@ -15,6 +16,8 @@ STAGES = {
     "export": "write a Hugging Face XLM-R folder to data/export/hf/",
     "flow": "run dvc.yaml as a Prefect flow (watch it in the Prefect UI)",
 }
+
+MODULES = {"params": "check_params"}   # pipeline.params is the schema package
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"error: unknown stage {stage!r}; choose one of {', '.join(STAGES)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"pipeline.{stage}")
+    module = importlib.import_module(f"pipeline.{MODULES.get(stage, stage)}")
     return int(module.main(rest) or 0)
 
 

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, NoReturn
 
+import yaml
+
 from xlm_core.atomic import DISK_FULL_ERRNOS, disk_full_reason, is_disk_full
 from xlm_core.errors import XLMError
 
@@ -76,7 +78,7 @@ def run_cli(stage: str, func: Callable[[], object]) -> int:
         func()
     except XLMError as exc:
         _let_rank_zero_say_it()
-        print_error(stage, " ".join(str(exc).split("\n")))
+        print_error(stage, " ".join(str(exc).split("\n")) + restore_hint(stage))
         return exc.exit_code
     except KeyboardInterrupt:
         print_error(stage, "interrupted")
@@ -97,6 +99,27 @@ def run_cli(stage: str, func: Callable[[], object]) -> int:
                                              "files written in place there may be cut short; the rerun rewrites them"))
         return PipelineError.exit_code
     return 0
+
+
+def restore_hint(stage: str) -> str:
+    """Under `dvc repro` (DVC sets DVC_STAGE), DVC deleted the stage's cached outputs before running it: say how to
+    get them back. Settings errors never get here (the params stage refuses them before DVC removes anything)."""
+    if os.environ.get("DVC_STAGE") != stage:
+        return ""
+    try:
+        entry = yaml.safe_load((Path(os.environ.get("DVC_ROOT", ".")) / "dvc.yaml").read_text())["stages"][stage]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return ""
+    removed = []
+    for key in ("outs", "metrics", "plots"):
+        for item in entry.get(key) or []:
+            path, options = (item, {}) if isinstance(item, str) else next(iter(item.items()))
+            if not (options or {}).get("persist") and (options or {}).get("cache", True):
+                removed.append(path)
+    if not removed:
+        return ""
+    return (f"; DVC removed the previous {', '.join(removed)} before running the stage: `dvc checkout {stage}` "
+            f"restores {'it' if len(removed) == 1 else 'them'}")
 
 
 # How long a worker other than rank 0 waits before printing its error line (see _let_rank_zero_say_it), and how long

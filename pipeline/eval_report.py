@@ -106,8 +106,13 @@ def perplexity_bars(per_model: dict[str, Figures], languages: list[str]):
         ax.bar_label(bars, labels=[_short(v) for v in values], fontsize=8)
     ax.set_xticks(x, languages)
     ax.set_xlabel("language")
-    ax.set_ylabel("MLM perplexity (test split, log scale)")
-    ax.set_yscale("log")
+    measured = [v for name in names for v in (per_model[name].get(("mlm_perplexity", lang), np.nan)
+                                               for lang in languages) if np.isfinite(v) and v > 0]
+    if measured:   # a log axis needs one positive value; with none, the chart says so instead of failing
+        ax.set_ylabel("MLM perplexity (test split, log scale)")
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "no perplexity measured", transform=ax.transAxes, ha="center", va="center")
     ax.set_title("Masked-LM perplexity: trained vs random-init baseline")
     ax.legend()
     return fig

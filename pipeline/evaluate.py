@@ -93,6 +93,10 @@ def make_plan(params: StageParams, model: ModelDir, shards_dir: Path, suites_pat
     bitexts = read_bitexts(test_dir, model.tokenizer, pairs, ev.max_retrieval_pairs)
     notes = []
     languages = [lang for lang in params.languages if int(shards.languages.get(lang, {}).get("tokens", 0)) > 0]
+    if not languages:
+        raise PipelineError(f"{test_dir}: the test split holds no text in any language (clean.split.test = 0?); "
+                            f"evaluate scores the test split: set clean.split.test > 0 in params.yaml (e.g. 0.02) "
+                            f"and rerun `dvc repro`")
     if len(languages) < len(params.languages):
         notes.append(f"no test text for {sorted(set(params.languages) - set(languages))}: no LM figures for them")
     kept_pairs = [pair for pair in pairs if int(shards.pairs.get(pair, {}).get("tokens", 0)) > 0]

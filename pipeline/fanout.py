@@ -29,6 +29,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 from pipeline.errors import PipelineError
+from xlm_core.errors import XLMError
 
 T = TypeVar("T")
 DASK_CONNECT_TIMEOUT = "20s"
@@ -160,8 +161,33 @@ def _run_as_prefect_flow(stage: str, workers: int, body: Callable[[FanOut], T]) 
         return body(FanOut(submit_task, f"Prefect's thread pool of {workers}"))
 
     print(f"{stage}: units run as Prefect tasks of flow xlm-{stage}, {where}", file=sys.stderr, flush=True)
-    return flow(stage_flow, name=f"xlm-{stage}", task_runner=ThreadPoolTaskRunner(max_workers=workers),
-                persist_result=False, validate_parameters=False)()
+    with _user_errors_without_tracebacks(("prefect.flow_runs", "prefect.task_runs")):
+        return flow(stage_flow, name=f"xlm-{stage}", task_runner=ThreadPoolTaskRunner(max_workers=workers),
+                    persist_result=False, validate_parameters=False)()
+
+
+class _DropUserErrorTracebacks(logging.Filter):
+    """Prefect logs a failed task or flow run with its traceback; for a user error (XLMError) the stage's one
+    ``error: [stage] ...`` line says it all, so the record keeps its message (the UI still shows the failure) and loses
+    the traceback. A bug's exception keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], XLMError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+@contextlib.contextmanager
+def _user_errors_without_tracebacks(logger_names: Sequence[str]) -> Iterator[None]:
+    drop = _DropUserErrorTracebacks()
+    loggers = [logging.getLogger(name) for name in logger_names]
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
 
 
 def run_stage(stage: str, cfg, body: Callable[[FanOut], T], *, workers: int,

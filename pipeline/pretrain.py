@@ -59,9 +59,6 @@ def pretrain(params: StageParams, shards_dir: Path, tokenizer_dir: Path, checkpo
     except (TokenizerError, OSError) as exc:
         raise PipelineError(f"{tokenizer_dir}: cannot load the tokenizer ({exc}); run `dvc repro tokenizer`") from None
     cfg = model_config(params, tokenizer.vocab_size)
-    if p.seq_len > cfg.max_positions:
-        raise PipelineError(f"params.yaml: pretrain.seq_len = {p.seq_len} exceeds the model's max_positions = "
-                            f"{cfg.max_positions} (preset {p.model.preset}); lower seq_len")
     pairs = ["-".join(pair) for pair in params.pairs]
     loader = PretrainLoader(shards_dir / "train", params.languages, pairs, dict(p.objectives), p.alpha, p.seq_len,
                             p.batch_size, mode=p.mode, seed=p.seed, rank=rank, world_size=world,

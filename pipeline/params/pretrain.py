@@ -91,6 +91,14 @@ class PretrainParams(Strict):
         return self
 
     @model_validator(mode="after")
+    def _seq_len_fits_the_model(self):
+        max_positions = self.model.config(vocab_size=16, n_languages=1).max_positions
+        if self.seq_len > max_positions:
+            raise ValueError(f"seq_len = {self.seq_len}: exceeds the model's max_positions = {max_positions} (preset "
+                             f"{self.model.preset}); lower seq_len or raise model.max_positions")
+        return self
+
+    @model_validator(mode="after")
     def _translation_ranking_layer_exists(self):
         if self.objectives.get("tr", 0) > 0:
             n_layers = self.model.config(vocab_size=16, n_languages=1).n_layers

@@ -58,12 +58,12 @@ def test_default_pipeline_end_to_end_and_what_an_edit_reruns(tmp_path):
 
     # a training value: pretrain and everything after it
     _edit(proj, "pretrain", "optimizer.lr", 0.003)
-    assert _status(proj) == {"pretrain"}          # DVC reports the first stage out of date ...
-    ran = _ran(dvc(proj, "repro").stdout)                                     # ... and runs what follows
-    assert ran[0] == "pretrain" and sorted(ran[1:]) == ["evaluate", "export"]   # (siblings: in either order)
+    assert _status(proj) == {"params", "pretrain"}   # DVC reports the check and the first stage out of date ...
+    ran = _ran(dvc(proj, "repro").stdout)                                        # ... and runs what follows
+    assert ran[:2] == ["params", "pretrain"] and sorted(ran[2:]) == ["evaluate", "export"]   # siblings: any order
     assert _status(proj) == set()
 
     # an evaluate value: evaluate alone, never pretrain
     _edit(proj, "evaluate", "max_batches", 1)
-    assert _status(proj) == {"evaluate"}
-    assert _ran(dvc(proj, "repro").stdout) == ["evaluate"]
+    assert _status(proj) == {"params", "evaluate"}
+    assert _ran(dvc(proj, "repro").stdout) == ["params", "evaluate"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import struct
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +17,7 @@ from tests.helpers.model_runs import LANGS, PAIRS, build_run, set_section
 from tests.helpers.project import python_module, run
 
 from pipeline.errors import PipelineError
-from pipeline.eval_report import perplexity_bars, retrieval_heatmap
+from pipeline.eval_report import perplexity_bars, retrieval_heatmap, save_png
 from pipeline.evaluate import evaluate
 from pipeline.params import load_params
 from xlm_core.data import iter_eval_batches
@@ -373,3 +374,38 @@ def test_cli_reports_errors_in_one_line(tiny_run, tmp_path):
     params.write_text(yaml.safe_dump(data))
     proc = _cli(root, params)
     assert proc.returncode == 2 and "evaluate.scoring" in proc.stderr and "cosine" in proc.stderr
+
+
+def test_an_empty_test_split_is_one_line_and_outputs_stay(tiny_run, tmp_path):
+    """clean.split.test = 0 leaves data/shards/test without text: evaluate says so, before writing anything."""
+    import pyarrow.parquet as pq
+    from pipeline.shard import make_shards
+
+    root, params_path = tiny_run
+    clean = tmp_path / "clean"
+    shutil.copytree(root / "clean", clean)
+    for path in clean.glob("*/test.parquet"):     # what clean writes with split.test = 0: empty test files
+        table = pq.read_table(path)
+        pq.write_table(table.slice(0, 0), path)
+    make_shards(load_params("shard", params_path), clean, root / "tokenizer", tmp_path / "shards",
+                tmp_path / "shard.json")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "eval.json").write_text('{"previous": 1}\n')
+    with pytest.raises(PipelineError) as info:
+        evaluate(load_params("evaluate", params_path), root / "model", tmp_path / "shards",
+                 out / "eval.json", out / "eval.md", out / "plots")
+    assert "the test split holds no text in any language" in str(info.value)
+    assert "clean.split.test > 0" in str(info.value) and "\n" not in str(info.value)
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json"]
+    assert (out / "eval.json").read_text() == '{"previous": 1}\n'
+
+
+def test_the_perplexity_chart_survives_languages_without_figures(tmp_path):
+    """No positive perplexity at all (nothing measured): no log axis, a note on the chart, and the PNG is written."""
+    per_model = {"trained": {("mlm_perplexity", "en"): float("nan")}, "baseline": {}}
+    fig = perplexity_bars(per_model, ["en", "fr"])
+    assert fig.axes[0].get_yscale() == "linear"
+    assert "no perplexity measured" in {t.get_text() for t in fig.axes[0].texts}
+    save_png(fig, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)

@@ -237,6 +237,29 @@ def test_prefect_task_runner_matches_the_default_runner(tmp_path, corpus, prefec
     assert _latest_run("xlm-shard", len(shard_units)) == ("Completed", shard_units)
 
 
+def _unit_refusing_two(x: int) -> int:
+    if x == 2:
+        raise PipelineError(f"unit {x} is bad; fix it")
+    return x
+
+
+@pytest.mark.slow
+def test_a_user_error_in_a_prefect_unit_is_one_line_without_prefects_traceback(prefect_api, monkeypatch, capfd):
+    """Prefect logs a failed task and flow run with a traceback; a user error keeps Prefect's state lines but not the
+    traceback, and the stage ends with its one line."""
+    from types import SimpleNamespace
+    from pipeline.errors import run_cli
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    cfg = SimpleNamespace(task_runner="prefect", dask_address=None)
+    code = run_cli("clean", lambda: fanout.run_stage(
+        "clean", cfg, lambda fan: fan.map(_unit_refusing_two, [(1,), (2,), (3,)]), workers=2))
+    err = capfd.readouterr().err
+    assert code == 2 and err.rstrip().splitlines()[-1] == "error: [clean] unit 2 is bad; fix it", err[-3000:]
+    assert "Flow run encountered an exception: PipelineError" in err          # the state line stays
+    assert "task_engine.py" not in err and "flow_engine.py" not in err, err[-3000:]   # the traceback does not
+
+
 def test_thread_pool_given_by_the_caller_matches_too(tmp_path, corpus):
     """The `executor=` hook (embedding, tests) takes the same path: results in plan order whatever finishes first."""
     root, reference = corpus

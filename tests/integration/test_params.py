@@ -223,5 +223,5 @@ def test_xlm_cli_lists_every_stage():
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True,
                           env=project_env())
     assert proc.returncode == 0
-    for stage in ("download", "clean", "tokenizer", "shard", "pretrain", "evaluate", "export", "flow"):
+    for stage in ("params", "download", "clean", "tokenizer", "shard", "pretrain", "evaluate", "export", "flow"):
         assert stage in proc.stdout

@@ -43,3 +43,45 @@ def test_a_log_every_edit_reruns_nothing_and_an_lr_edit_reruns_pretrain(tmp_path
 
     _edit(proj, "optimizer.lr", 0.003)
     assert _pretrain_changed(proj)
+
+
+def test_a_settings_error_stops_dvc_repro_before_any_output_is_removed(tmp_path):
+    """A typo in the pretrain section: the params stage refuses it first, so DVC never reaches pretrain and removes
+    neither data/model nor metrics/pretrain.json (DVC deletes a stage's outputs just before running it)."""
+    proj = fault_trials.make_project(tmp_path / "proj", steps=4)
+    dvc(proj, "repro", "pretrain")
+    before = fault_trials.snapshot(proj)
+    model_before = {p.name: p.read_bytes() for p in (proj / "data" / "model").iterdir()}
+    metrics_before = (proj / "metrics" / "pretrain.json").read_bytes()
+
+    _edit(proj, "optimizer.lrr", 0.003)
+    failed = dvc(proj, "repro", "pretrain", check=False)
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error: [")]
+    assert failed.returncode != 0 and len(errors) == 1, failed.stderr[-3000:]
+    assert errors[0].startswith("error: [params] params.yaml: unknown key 'pretrain.optimizer.lrr'"), errors
+    assert "Running stage 'pretrain'" not in failed.stdout and "Traceback" not in failed.stderr
+    assert {p.name: p.read_bytes() for p in (proj / "data" / "model").iterdir()} == model_before
+    assert (proj / "metrics" / "pretrain.json").read_bytes() == metrics_before
+    assert fault_trials.differences(before, fault_trials.snapshot(proj)) == []
+
+    _edit(proj, "optimizer", {k: v for k, v in _read(proj)["pretrain"]["optimizer"].items() if k != "lrr"})
+    fixed = dvc(proj, "repro", "pretrain")
+    ran = {line.split("'")[1] for line in fixed.stdout.splitlines() if line.startswith("Running stage '")}
+    assert ran == set()                         # the failed check recorded nothing: back to the committed values
+    assert fault_trials.differences(before, fault_trials.snapshot(proj)) == []
+
+    # An input error only the stage can find (valid settings, a missing word-vectors file): DVC has removed
+    # data/model by then, and the line says how to get it back.
+    _edit(proj, "embeddings.vectors", "no-such.vec")
+    failed = dvc(proj, "repro", "pretrain", check=False)
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error: [")]
+    assert failed.returncode != 0 and len(errors) == 1 and errors[0].startswith("error: [pretrain]"), failed.stderr
+    assert "DVC removed the previous data/model before running the stage: `dvc checkout pretrain` restores it" \
+        in errors[0], errors
+    assert not (proj / "data" / "model").exists()
+    dvc(proj, "checkout", "pretrain")
+    assert {p.name: p.read_bytes() for p in (proj / "data" / "model").iterdir()} == model_before
+
+
+def _read(proj) -> dict:
+    return yaml.safe_load((proj / "params.yaml").read_text(encoding="utf-8"))

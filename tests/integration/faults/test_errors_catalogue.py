@@ -43,7 +43,7 @@ def test_every_row_has_a_message_a_remedy_and_existing_tests():
     for failure, message, remedy, tests in rows:
         assert failure and message and remedy, failure
         if "error: [" in message:
-            stages = "download|clean|tokenizer|shard|pretrain|evaluate|export|flow|<stage>"
+            stages = "params|download|clean|tokenizer|shard|pretrain|evaluate|export|flow|<stage>"
             assert re.search(rf"error: \[({stages})\] ", message), failure
         refs = TEST_REF.findall(tests)
         assert refs, f"row {failure!r} names no test"
