@@ -24,7 +24,7 @@ PARAMS_FILE = "params.yaml"
 
 # --------------------------------------------------------------------------------------------------------------- root
 _PAIR = re.compile(r"^([a-z]{2,3})-([a-z]{2,3})$")
-_NAMED_RULE = re.compile(r"^(?:[A-Z]\w*\.)?(?P<key>[a-z_][\w.]*) = (?P<rest>.*)$", re.S)
+_NAMED_RULE = re.compile(r"^(?:[A-Z]\w*\.)?(?P<key>(?:[a-z_]|\[\d)[\w.\[\]]*) = (?P<rest>.*)$", re.S)
 
 SECTIONS: dict[str, type[BaseModel]] = {
     "download": DownloadParams,
@@ -117,12 +117,15 @@ def _describe(exc: ValidationError, prefix: str, model: type[BaseModel], path: s
         # at that key, not at the whole mapping.
         named = _NAMED_RULE.match(msg)
         if named:
-            key = f"{where}.{named['key']}" if where else named["key"]
+            key = (f"{where}{named['key']}" if named["key"].startswith("[") else f"{where}.{named['key']}") \
+                if where else named["key"]
             return f"{path}: {key} = {named['rest']}"
     if isinstance(value, float) and not math.isfinite(value):
         msg = "must be a finite number"     # pydantic would judge NaN against the range ("less than or equal to 1")
     if not where:   # a rule of the whole mapping (e.g. shared keys): its message starts with the key it is about
         return f"{path}: {msg}"
+    if isinstance(value, dict):   # a rule of a whole mapping: its message says what is wrong, a dump would not
+        return f"{path}: {where}: {msg}"
     return f"{path}: {where} = {_short(value)}: {msg}"
 
 

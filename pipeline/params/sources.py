@@ -103,10 +103,11 @@ class UrlSource(_SourceBase, _FileFormat):
     def _one_of(self):
         if (self.url is None) == (self.urls is None):
             raise ValueError("give exactly one of url (one file) or urls (one file per language)")
-        for url in [self.url] if self.url is not None else list(self.urls.values()):
+        named = [("url", self.url)] if self.url is not None else [(f"urls.{k}", u) for k, u in self.urls.items()]
+        for key, url in named:
             scheme = url.split(":", 1)[0].lower() if ":" in url else ""
             if scheme not in URL_SCHEMES:
-                raise ValueError(f"URL {url!r}: unsupported scheme {scheme or '(none)'!r}; use one of "
+                raise ValueError(f"{key} = {url!r}: unsupported scheme {scheme or '(none)'!r}; use one of "
                                  f"{', '.join(s + '://' for s in URL_SCHEMES)} (or kind: local for files on disk)")
         if self.sha256 is not None:
             if self.max_lines is not None:
@@ -187,8 +188,9 @@ class DownloadParams(Strict):
     @classmethod
     def _unique_names(cls, v):
         names = [s.name for s in v]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"source names must be unique; repeated: {dup}")
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"[{i}].name = {name!r}: source names must be unique (sources[{names.index(name)}] "
+                                 f"has it too); rename one")
         return v
 

@@ -549,7 +549,7 @@ def test_moses_archive_missing_a_language(tmp_path):
     ({"name": "x", "kind": "url", "url": "https://h/x.xz", "languages": ["en"], "max_lines": 10, "sha256": "a" * 64},
      "sha256 cannot be verified when max_lines"),
     ({"name": "x", "kind": "url", "url": "https://h/x", "languages": ["en"], "sha256": "xyz"},
-     "download.sources[0] = {"),  # the line names the source and says what a digest looks like (checked below)
+     "download.sources[0]: sha256 'xyz' is not a SHA-256 digest"),  # the source, and what a digest looks like
     ({"name": "x", "kind": "local", "path": "x.tsv", "format": "tsv", "columns": {"en": 0}, "languages": ["en", "fr"]},
      "format tsv needs columns"),
     ({"name": "x", "kind": "local", "path": "x.txt", "languages": ["en", "fr"]}, "format text with one path"),

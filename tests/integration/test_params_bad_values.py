@@ -65,6 +65,16 @@ def mutated(**sections) -> dict:
                                                              "line"),
     ("export", {"export__name": "x" * 1_000_000}, "export.name = 'xxx"),
     ("pretrain", {"pairs": ["en-xx"]}, "params.yaml: pairs: 'en-xx' uses 'xx', which is not in languages"),
+    ("download", {"download__sources": SHIPPED["download"]["sources"] + SHIPPED["download"]["sources"][:1]},
+     f"download.sources[{len(SHIPPED['download']['sources'])}].name = 'bible': source names must be unique "
+     "(sources[0] has it too)"),
+    ("download", {"download__sources": [{"name": "x", "kind": "url", "url": "ftp://h/x.txt", "languages": ["en"]}]},
+     "download.sources[0].url = 'ftp://h/x.txt': unsupported scheme 'ftp'"),
+    ("download", {"download__sources": [{"name": "x", "kind": "url", "urls": {"en": "ftp://h/x.txt"},
+                                         "languages": ["en"]}]},
+     "download.sources[0].urls.en = 'ftp://h/x.txt': unsupported scheme 'ftp'"),
+    ("pretrain", {"pretrain__objectives": {"mlm": 0.0, "tlm": 0.0}},
+     "pretrain.objectives: at least one of mlm, tlm, clm, tr needs a weight > 0"),
 ])
 def test_a_bad_value_is_one_line_at_its_key(tmp_path, section, change, expected):
     message = refusal(tmp_path, section, mutated(**change))
