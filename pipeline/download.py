@@ -201,6 +201,8 @@ def _open_url(url: str, expected: Optional[str], source: UrlSource, scratch: Pat
         if parts.netloc not in ("", "localhost"):
             raise PipelineError(f"{label}: {url}: file:// URLs must name a local file (file:///abs/path)")
         path = Path(urllib.request.url2pathname(parts.path))
+        if path.is_dir():
+            raise PipelineError(f"{label}: {url} is a directory; a file:// URL names one file")
         if not path.is_file():
             raise PipelineError(f"{label}: {url}: no such file {path}")
         entry = _describe_local(path, source.max_lines, key="url", name=url)
@@ -280,6 +282,9 @@ def _expand(pattern: str, label: str) -> list[Path]:
     pattern = os.path.expanduser(pattern)
     if not glob.has_magic(pattern):
         path = Path(pattern)
+        if path.is_dir():
+            raise PipelineError(f"{label}: path {pattern!r} is a directory; name a file, or its files with a glob "
+                                f"(e.g. {os.path.join(pattern, '*.txt')!r})")
         if not path.is_file():
             raise PipelineError(f"{label}: path {pattern!r}: no such file (relative paths start at {Path.cwd()})")
         return [path]

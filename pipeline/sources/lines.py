@@ -117,12 +117,24 @@ def _decode(raw: bytes, first_line: bool) -> Optional[str]:
     return text
 
 
+def _looks_like_utf16(first_line: bytes) -> bool:
+    """A UTF-16 byte-order mark, or (none) a NUL in every other byte, as UTF-16 gives Latin text: such a file would
+    otherwise be read as lines that all hold NUL bytes and be dropped line by line."""
+    if first_line.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return True
+    sample = first_line[:200]
+    return len(sample) >= 8 and max(sample[0::2].count(0), sample[1::2].count(0)) >= 0.8 * (len(sample) // 2)
+
+
 def _add(sink: SegmentSink, channel: Channel, key: str, line: FileLine, label: str) -> None:
     langs = channel.fields
     if line.too_long:
         for lang in langs:
             sink.long[lang] += 1
         return
+    if line.number == 1 and _looks_like_utf16(line.raw):
+        raise PipelineError(f"{label}: {line.file} looks like UTF-16, not UTF-8; convert it (e.g. iconv -f UTF-16 -t "
+                            f"UTF-8 FILE > FILE.utf8) and point params.yaml at the converted file")
     if b"\x00" in line.raw:
         for lang in langs:
             sink.nul[lang] += 1

@@ -503,6 +503,28 @@ def test_invalid_utf8_and_nul_lines_are_dropped_and_counted(tmp_path):
     assert manifest["invalid_utf8_lines"] == {"en": 1} and manifest["nul_lines"] == {"en": 1}
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le"])   # with a byte-order mark, and without one
+def test_a_utf16_file_is_one_line_naming_the_encoding(tmp_path, encoding):
+    (tmp_path / "en.txt").write_bytes("The first verse.\nThe second verse.\n".encode(encoding))
+    proj = make_project(tmp_path, [{"name": "m", "kind": "local", "path": str(tmp_path / "en.txt"),
+                                    "languages": ["en"]}])
+    before = seed_previous_output(proj)
+    assert_one_error_line(run_cli_in(proj), "en.txt looks like UTF-16, not UTF-8", "iconv -f UTF-16 -t UTF-8")
+    assert snapshot(proj / "data/raw") == before
+
+
+@pytest.mark.parametrize("as_url", [False, True])
+def test_a_directory_given_as_a_file_is_one_line_saying_so(tmp_path, as_url):
+    (tmp_path / "corpus").mkdir()
+    source = ({"name": "d", "kind": "url", "url": (tmp_path / "corpus").as_uri(), "languages": ["en"]} if as_url
+              else {"name": "d", "kind": "local", "path": str(tmp_path / "corpus"), "languages": ["en"]})
+    proj = make_project(tmp_path, [source])
+    before = seed_previous_output(proj)
+    line = assert_one_error_line(run_cli_in(proj), "is a directory")
+    assert "no such file" not in line and ("*.txt" in line or as_url), line
+    assert snapshot(proj / "data/raw") == before
+
+
 def test_malformed_tsv_row_names_file_and_line(tmp_path):
     (tmp_path / "p.tsv").write_text("a\tb\tc\nd\te\n")
     proj = make_project(tmp_path, [{"name": "p", "kind": "local", "path": str(tmp_path / "p.tsv"), "format": "tsv",
