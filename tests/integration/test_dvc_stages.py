@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from tests.helpers.project import dvc, write_params
+from tests.helpers.project import dvc, run, write_params
 
 LANG_TEXT = {
     "en": ["The cat sleeps on the warm mat.", "A river runs through the old town.", "We read books every night."],
@@ -68,3 +68,15 @@ def test_params_edits_rerun_exactly_the_dependent_stages(dvc_project):
     assert _changed(proj, "download", "clean") == {"download"}
     assert _repro_ran(proj, "clean") == {"params", "download", "clean"}
     assert _changed(proj, "download", "clean") == set()
+
+
+def test_dvc_exp_run_set_param_changes_only_that_line_of_params_yaml(dvc_project):
+    """params.yaml is kept in the layout DVC writes back, so `dvc exp run -S` rewrites one line, comments and all."""
+    proj = dvc_project
+    run(["git", "add", "-A"], proj)
+    run(["git", "commit", "-qm", "baseline"], proj)
+    dvc(proj, "exp", "run", "-S", "pretrain.steps=20", "params")   # the params stage alone: about a second
+    diff = run(["git", "diff", "--unified=0", "params.yaml"], proj).stdout
+    changed = [line for line in diff.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    assert len(changed) == 2, diff
+    assert changed[0].startswith("-  steps: 3800") and changed[1].startswith("+  steps: 20"), diff
