@@ -38,6 +38,13 @@ class StageStatus:
     reason: str                    # "up to date" or what changed, e.g. "changed params: pretrain.lr (0.1 -> 0.2)"
 
 
+def _is_metrics_file(project: Path, out) -> bool:
+    """A declared metric, or a JSON file under metrics/: dvc.yaml declares only the headline (metrics/summary.json)
+    as a metric, so that `dvc metrics show` stays narrow; the flow still shows each stage's own figures."""
+    path = _relative(project, out.fs_path)
+    return bool(out.metric) or (path.startswith("metrics/") and path.endswith(".json"))
+
+
 def find_project_root(start: str | Path = ".") -> Path:
     try:
         return Path(Repo.find_root(str(start))).resolve()
@@ -66,7 +73,7 @@ def plan_stages(project: Path, targets: list[str] | None = None,
             name=stage.name,
             # edges go from a stage to the stages producing its dependencies
             upstream=tuple(_address(project, dep) for dep in graph.successors(stage) if dep in planned),
-            metrics=tuple(_relative(project, out.fs_path) for out in stage.outs if out.metric),
+            metrics=tuple(_relative(project, out.fs_path) for out in stage.outs if _is_metrics_file(project, out)),
             reports=tuple(dict.fromkeys(
                 [_relative(project, out.fs_path) for out in stage.outs if out.fs_path.endswith(".md")]
                 + list((extra_reports or {}).get(stage.name, [])))),

@@ -30,6 +30,7 @@ from pipeline.errors import PipelineError, disk_full_is_an_error, run_cli
 from pipeline.eval_report import write_outputs
 from pipeline.eval_suites import load_classification_suite, load_out_of_domain, load_retrieval_suite
 from pipeline.params import StageParams, load_params
+from pipeline.summary import read_pretrain_metrics, summarise
 from xlm_core.evaluation.inputs import EvalPlan, read_bitexts
 from xlm_core.evaluation.probes import probe_plan
 from xlm_core.evaluation.scoring import Figures, score_model, unigram_floor
@@ -38,6 +39,7 @@ from xlm_core.model import XLMModel
 from xlm_core.model_config import ModelConfig
 from xlm_core.model_dir import CONFIG, DISCRIMINATOR, FIX, WEIGHTS, ModelDir, load_model_dir
 from xlm_core.adversary import LanguageDiscriminator
+from xlm_core.atomic import write_json
 from xlm_core.shards import ShardSet
 from xlm_core.train.runtime import device_type
 
@@ -146,7 +148,10 @@ class _Bar:
 
 
 def evaluate(params: StageParams, model_dir: Path, shards_dir: Path, metrics_path: Path, report_path: Path,
-             plots_dir: Path, suites_path: Optional[Path] = None) -> dict[str, Any]:
+             plots_dir: Path, suites_path: Optional[Path] = None, summary_path: Optional[Path] = None,
+             pretrain_metrics_path: Optional[Path] = None) -> dict[str, Any]:
+    """Score the trained model and its baseline; write eval.json, the report, the plots and (``summary_path``) the
+    headline summary.json, whose pace figures come from ``pretrain_metrics_path``."""
     from tqdm import tqdm
 
     ev = params.evaluate
@@ -176,9 +181,13 @@ def evaluate(params: StageParams, model_dir: Path, shards_dir: Path, metrics_pat
         per_model[name], counts = scores.figures, scores.counts
     floor = unigram_floor(plan, ev, folder.config.vocab_size)
     with disk_full_is_an_error("evaluate", f"{plots_dir}, {report_path} or {metrics_path}",
-                               outcome="each is whole, the previous or the new version; the rerun writes all three"):
-        return write_outputs(per_model, counts, floor, plan, ev, folder.config, notes, metrics_path, report_path,
-                             plots_dir)
+                               outcome="each is whole, the previous or the new version; the rerun writes all of them"):
+        metrics = write_outputs(per_model, counts, floor, plan, ev, folder.config, notes, metrics_path, report_path,
+                                plots_dir)
+        if summary_path is not None:
+            pace = read_pretrain_metrics(pretrain_metrics_path) if pretrain_metrics_path is not None else {}
+            write_json(summary_path, summarise(metrics, pace))
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,11 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", default="metrics/eval.json", type=Path)
     parser.add_argument("--report", default="reports/eval.md", type=Path)
     parser.add_argument("--plots", default="reports/eval", type=Path)
+    parser.add_argument("--summary", default="metrics/summary.json", type=Path)
+    parser.add_argument("--pretrain-metrics", default="metrics/pretrain.json", type=Path,
+                        help="pretrain's metrics: the run's steps, tokens/s and minutes in the summary")
     parser.add_argument("--suites", default=SUITES, type=Path,
                         help="the clean stage's out-of-domain suites (missing: no out-of-domain figure)")
     args = parser.parse_args(argv)
     return run_cli("evaluate", lambda: evaluate(load_params("evaluate", args.params), args.model, args.shards,
-                                                args.metrics, args.report, args.plots, args.suites))
+                                                args.metrics, args.report, args.plots, args.suites,
+                                                args.summary, args.pretrain_metrics))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,13 @@ def test_default_pipeline_end_to_end_and_what_an_edit_reruns(tmp_path):
     for path in ("data/model/model.safetensors", "data/export/hf/model.safetensors", "reports/eval.md"):
         assert (proj / path).is_file(), path
 
-    shown = dvc(proj, "metrics", "show", "--json").stdout
+    table = dvc(proj, "metrics", "show").stdout          # the headline alone: metrics/summary.json
+    assert "metrics/summary.json" in table and "eval.json" not in table, table
+    assert max(len(line) for line in table.splitlines()) <= 120, table
+    summary = json.loads((proj / "metrics" / "summary.json").read_text())
+    assert summary["steps"] == 10 and 0 <= summary["mlm_acc"] <= 1 and summary["ppl/uni"] > 0, summary
+    assert summary["tok/s"] > 0 and summary["minutes"] >= 0, summary
+    shown = dvc(proj, "metrics", "show", "--json", "metrics/pretrain.json", "metrics/eval.json").stdout  # details
     metrics = json.loads(shown)[""]["data"]
     pretrain = metrics["metrics/pretrain.json"]["data"]
     evaluate = metrics["metrics/eval.json"]["data"]
@@ -49,8 +55,8 @@ def test_default_pipeline_end_to_end_and_what_an_edit_reruns(tmp_path):
         assert pretrain["valid"][f"mlm_loss/{lang}"] > 0
         assert {"trained", "baseline"} <= set(evaluate["mlm_perplexity"][lang])
 
-    plots = dvc(proj, "plots", "show", "--json").stdout
-    assert "dvclive/pretrain/plots/metrics/train/loss.tsv" in plots
+    plots = json.loads(dvc(proj, "plots", "show", "--json").stdout)["data"]   # dvc.yaml's top-level plots, by id
+    assert plots["train-loss"][0]["content"]["data"]["values"], sorted(plots)   # dvclive's train/loss.tsv
     html = tmp_path / "plots"
     dvc(proj, "plots", "show", "--out", str(html))
     page = (html / "index.html").read_text(encoding="utf-8")

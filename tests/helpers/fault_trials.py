@@ -19,11 +19,12 @@ without interruption (the reference), then for each trial:
 
 What is compared (each item must equal the reference):
 
-- dvc.lock: per stage, the md5 of every dep and out, except ``metrics/pretrain.json`` and
+- dvc.lock: per stage, the md5 of every dep and out, except ``metrics/pretrain.json``, ``metrics/summary.json`` and
   ``dvclive/pretrain/plots/metrics``, which hold wall-clock figures (their deterministic content is compared below);
 - the bytes of every file under ``data/`` (``data/.download-cache/`` aside: the download stage's resumable scratch,
   not an output), ``metrics/`` (all but pretrain.json) and ``reports/``, and the list of those files (a leftover
   ``*.tmp-*`` / ``*.old-*`` temporary counts as a mismatch);
+- ``metrics/summary.json`` without its pace figures ``tok/s`` and ``minutes``;
 - ``metrics/pretrain.json`` without its keys ``seconds`` (wall-clock training time), ``tokens_per_s`` and
   ``loader_stall_fraction`` (derived from wall-clock times) and ``resumed_from`` (the step a resumed run started
   from, 0 for an uninterrupted one);
@@ -62,7 +63,8 @@ STAGE_LINE = "Running stage '"
 # What DVC would say if a killed run's lock were still held (DVC's locks die with the process: not seen so far).
 STALE_LOCK_MESSAGES = ("Unable to acquire lock", "rwlock", "is busy, it is being blocked by")
 # Outputs whose bytes carry wall-clock figures: compared by their deterministic content only (see the docstring).
-TIMED_OUTS = ("metrics/pretrain.json", "dvclive/pretrain/plots/metrics")
+TIMED_OUTS = ("metrics/pretrain.json", "metrics/summary.json", "dvclive/pretrain/plots/metrics")
+SUMMARY_TIMING_KEYS = ("tok/s", "minutes")   # metrics/summary.json's pace figures (from pretrain.json's timings)
 # wall-clock figures, and the step a resumed run started from (0 for an uninterrupted one)
 PRETRAIN_TIMING_KEYS = ("seconds", "tokens_per_s", "loader_stall_fraction", "resumed_from")
 THROUGHPUT_SERIES = ("tokens_per_s", "mfu", "hfu")
@@ -353,6 +355,10 @@ def snapshot(proj: Path) -> dict[str, str]:
         for key in PRETRAIN_TIMING_KEYS:
             metrics.pop(key, None)
         snap["content metrics/pretrain.json"] = json.dumps(metrics, sort_keys=True)
+    summary = proj / "metrics" / "summary.json"
+    if summary.exists():
+        figures = {k: v for k, v in json.loads(summary.read_text()).items() if k not in SUMMARY_TIMING_KEYS}
+        snap["content metrics/summary.json"] = json.dumps(figures, sort_keys=True)
     plots = proj / "dvclive" / "pretrain" / "plots" / "metrics"
     for tsv in sorted(plots.rglob("*.tsv")) if plots.exists() else []:
         snap[f"content {tsv.relative_to(proj).as_posix()}"] = _normalised_tsv(tsv)
