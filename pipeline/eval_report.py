@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -195,10 +196,44 @@ def _probe_sections(cells, names: list[str], counts: Counts, plan: EvalPlan) -> 
     return lines
 
 
+DISCRIMINATOR_TOO_GOOD = 0.95   # the co-trained discriminator's test accuracy above which the adversary failed
+
+
+def report_warnings(per_model: dict[str, Figures], floor: Figures, languages: list[str]) -> list[str]:
+    """What says the trained model looks broken, from its test figures: a co-trained discriminator (there is one
+    only when the adversary was on) that still tells the languages apart, and a language whose MLM accuracy is at or
+    below the unigram level's or whose perplexity is at or above it (no better than piece frequencies). The
+    baseline is at that level by construction, so only "trained" is judged."""
+    trained = per_model.get("trained", {})
+    out = []
+    accuracy = trained.get(("discriminator_accuracy",))
+    if accuracy is not None and math.isfinite(accuracy) and accuracy >= DISCRIMINATOR_TOO_GOOD:
+        out.append(f"the co-trained language discriminator tells the language of {accuracy:.1%} of the test "
+                   f"sentences (≥ {DISCRIMINATOR_TOO_GOOD:.0%}) although the adversary was on: the encoder does not "
+                   f"hide the language; raise pretrain.adversarial.lambda_max")
+    for lang in languages:
+        worse = []
+        acc, floor_acc = trained.get(("mlm_accuracy", lang)), floor.get(("mlm_accuracy", lang))
+        if acc is not None and floor_acc is not None and acc <= floor_acc:
+            worse.append(f"accuracy {acc:.3f} ≤ unigram {floor_acc:.3f}")
+        ppl, floor_ppl = trained.get(("mlm_perplexity", lang)), floor.get(("mlm_perplexity", lang))
+        if ppl is not None and floor_ppl is not None and ppl >= floor_ppl:
+            worse.append(f"perplexity {ppl:.4g} ≥ unigram {floor_ppl:.4g}")
+        if worse:
+            out.append(f"MLM on {lang} (test split) is at or below the unigram level ({', '.join(worse)}): the model "
+                       f"does no better than piece frequencies on {lang}; train longer (pretrain.steps) or check the "
+                       f"{lang} data")
+    return out
+
+
 def render_report(per_model: dict[str, Figures], counts: Counts, plan: EvalPlan, ev, config: ModelConfig,
-                  plots_rel: str, floor: Optional[Figures] = None, notes: Optional[list[str]] = None) -> str:
-    """reports/eval.md: a table per kind of figure, each model's column beside the floor, then the notes."""
+                  plots_rel: str, floor: Optional[Figures] = None, notes: Optional[list[str]] = None,
+                  warnings: Optional[list[str]] = None) -> str:
+    """reports/eval.md: the warnings first, then a table per kind of figure, each model's column beside the floor,
+    then the notes. ``warnings``: default ``report_warnings`` of these figures."""
     names = list(per_model)
+    if warnings is None:
+        warnings = report_warnings(per_model, floor or {}, plan.languages)
 
     def cells(metric_path: tuple, perplexity: bool = False) -> list[str]:
         return [_fmt(per_model[n].get(metric_path), perplexity) for n in names]
@@ -208,6 +243,8 @@ def render_report(per_model: dict[str, Figures], counts: Counts, plan: EvalPlan,
              f"{'causal' if config.causal else 'bidirectional'}. Test split: `{plan.test_dir}`. "
              + ("The baseline is the same architecture randomly initialised (seed "
                 f"{ev.seed}): the floor of every figure." if "baseline" in names else ""), ""]
+    if warnings:   # at the top: a run that looks broken should not be read for its figures first
+        lines[1:1] = ["", "## Warnings", "", *[f"- **warning:** {w}" for w in warnings]]
     lines += _retrieval_sections(cells, names, counts, plan, ev)
     floor = floor or {}
     rows = [[lang, *cells(("mlm_accuracy", lang)), _fmt(floor.get(("mlm_accuracy", lang))),
@@ -258,13 +295,19 @@ def render_report(per_model: dict[str, Figures], counts: Counts, plan: EvalPlan,
 
 def write_outputs(per_model: dict[str, Figures], counts: Counts, floor: Figures, plan: EvalPlan, ev,
                   config: ModelConfig, notes: list[str], metrics_path: Path, report_path: Path,
-                  plots_dir: Path) -> dict[str, Any]:
-    """Write the plots folder, the report and eval.json (each atomically, in that order); return eval.json's dict."""
+                  plots_dir: Path, run_warnings: Optional[list[str]] = None) -> dict[str, Any]:
+    """Write the plots folder, the report and eval.json (each atomically, in that order); return eval.json's dict.
+
+    The report's warnings are ``run_warnings`` (the training run's, when the caller has them) and the model's own
+    (``report_warnings``), each also a ``warning: [evaluate] ...`` line on stderr."""
+    warnings = [*(run_warnings or []), *report_warnings(per_model, floor, plan.languages)]
+    for warning in warnings:
+        print(f"warning: [evaluate] {warning}", file=sys.stderr, flush=True)
     metrics = assemble_metrics({**per_model, "unigram": floor}, counts)
     in_pairs = {lang for b in plan.bitexts.values() for lang in (b.src_lang, b.tgt_lang)}
     heatmap_languages = [lang for lang in plan.model_languages if lang in in_pairs]
     plots_rel = Path(os.path.relpath(plots_dir.resolve(), report_path.parent.resolve())).as_posix()
-    report = render_report(per_model, counts, plan, ev, config, plots_rel, floor, notes)
+    report = render_report(per_model, counts, plan, ev, config, plots_rel, floor, notes, warnings)
     with atomic_dir(plots_dir) as tmp:
         write_json(tmp / "perplexity.json", plot_rows(per_model, "mlm_perplexity", "language", plan.languages))
         write_json(tmp / "retrieval.json", plot_rows(per_model, "retrieval_accuracy", "direction", plan.directions()))

@@ -16,13 +16,15 @@ happens to answer, so the same ``dvc repro`` behaves the same on every machine):
   not data: their inputs and outputs are paths under the stage's folders (passed as absolute paths), so on a
   multi-machine cluster ``data/`` must be on a filesystem every worker mounts at the same path.
 - ``prefect``: the units run as Prefect tasks (``ThreadPoolTaskRunner``) of a flow named ``xlm-<stage>``, reported to
-  the Prefect API this process is configured for (``PREFECT_API_URL``, else ./prefect.toml), which must answer.
+  the Prefect API this process is configured for (``PREFECT_API_URL``, else ./prefect.toml), which must answer. Under
+  ``xlm flow`` that flow run is nested under the stage's task run, inside the one pipeline run.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
 import logging
+import os
 import sys
 import uuid
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -32,6 +34,9 @@ from pipeline.errors import PipelineError
 from xlm_core.errors import XLMError
 
 T = TypeVar("T")
+# Set by `xlm flow` (pipeline.flow) for the stage subprocess it starts: the id of the stage's Prefect task run.
+PARENT_TASK_RUN_ENV = "XLM_PREFECT_PARENT_TASK_RUN"
+
 DASK_CONNECT_TIMEOUT = "20s"
 DASK_HINT = "install the dask extra here and on the workers: pip install -e '.[dask]'"
 
@@ -160,10 +165,24 @@ def _run_as_prefect_flow(stage: str, workers: int, body: Callable[[FanOut], T]) 
     def stage_flow() -> T:
         return body(FanOut(submit_task, f"Prefect's thread pool of {workers}"))
 
-    print(f"{stage}: units run as Prefect tasks of flow xlm-{stage}, {where}", file=sys.stderr, flush=True)
+    stage_as_flow = flow(stage_flow, name=f"xlm-{stage}", task_runner=ThreadPoolTaskRunner(max_workers=workers),
+                         persist_result=False, validate_parameters=False)
+    parent = os.environ.get(PARENT_TASK_RUN_ENV)
+    print(f"{stage}: units run as Prefect tasks of flow xlm-{stage}, {where}"
+          + (f", nested under `xlm flow`'s task run {parent}" if parent else ""), file=sys.stderr, flush=True)
     with _user_errors_without_tracebacks(("prefect.flow_runs", "prefect.task_runs")):
-        return flow(stage_flow, name=f"xlm-{stage}", task_runner=ThreadPoolTaskRunner(max_workers=workers),
-                    persist_result=False, validate_parameters=False)()
+        if not parent:
+            return stage_as_flow()
+        # Under `xlm flow` the stage runs in a `dvc repro` subprocess: its flow run is created as a subflow of the
+        # stage's task run (what Prefect does itself for a flow called inside a task of the same process), so the
+        # units show up inside the one `xlm-pipeline` run instead of as a separate, unlinked flow run.
+        from prefect.client.orchestration import get_client
+        from prefect.flow_engine import run_flow
+        from prefect.states import Pending
+
+        with get_client(sync_client=True) as client:
+            flow_run = client.create_flow_run(stage_as_flow, parent_task_run_id=uuid.UUID(parent), state=Pending())
+        return run_flow(stage_as_flow, flow_run=flow_run)
 
 
 class _DropUserErrorTracebacks(logging.Filter):

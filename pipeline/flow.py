@@ -31,6 +31,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.context import TaskRunContext  # noqa: E402
 from prefect.states import Completed, State  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
@@ -42,10 +43,12 @@ from pipeline.dvc_adapter import (  # noqa: E402
 )
 from pipeline.dvc_adapter import plan_stages as plan_dvc_stages  # noqa: E402
 from pipeline.errors import PipelineError, run_cli  # noqa: E402
+from pipeline.fanout import PARENT_TASK_RUN_ENV  # noqa: E402
 from pipeline.flow_artifacts import (  # noqa: E402
     PROGRESS_FILE_ENV,
     ProgressArtifact,
     ProgressTail,
+    ValidationTable,
     publish_metrics,
     publish_reports,
 )
@@ -58,6 +61,9 @@ RETRIED_STAGES = {"download": 3}
 RETRY_BACKOFF_S = 10.0             # waits of 10, 20, 40 s between the tries
 # Reports shown as markdown artifacts after their stage, besides any *.md the stage declares in dvc.yaml.
 STAGE_REPORTS = {"evaluate": ["reports/eval.md"]}
+# Task state names: a stage DVC found up to date is Skipped (a Completed type, so downstream stages go on),
+# one whose outputs came from DVC's run cache Restored, one that ran Completed.
+SKIPPED, RESTORED, RAN = "Skipped", "Restored", "Completed"
 
 
 class StageFailed(PipelineError):
@@ -79,16 +85,18 @@ def _stage_env(progress_file: Path) -> dict[str, str]:
     env.setdefault("PYTHONUNBUFFERED", "1")   # the stage's prints reach the task logs as they happen
     env.setdefault("DVC_NO_ANALYTICS", "1")
     env[PROGRESS_FILE_ENV] = str(progress_file)   # a training stage appends its progress records there
+    task_run = TaskRunContext.get()
+    if task_run is not None:   # a stage with task_runner: prefect nests its units' flow run under this task run
+        env[PARENT_TASK_RUN_ENV] = str(task_run.task_run.id)
     return env
 
 
 def _run_streamed(command: list[str], root: Path, address: str, logger) -> tuple[int, object]:
-    """Run ``command`` with its output streamed to the task's log and its progress records to an artifact."""
-    progress = ProgressArtifact(address)
+    """Run ``command`` with its output streamed to the task's log and its progress records to artifacts."""
     output = StageOutput(lambda line: logger.log(log_level(line), "%s", line))
     with tempfile.TemporaryDirectory(prefix="xlm-progress-") as tmp:
         progress_file = Path(tmp) / "progress.jsonl"           # fresh for each run: no records of another stage
-        with ProgressTail(progress_file, progress):
+        with ProgressTail(progress_file, ProgressArtifact(address), ValidationTable(address)):
             # stderr joins stdout so the log keeps the order in which the stage wrote its lines
             proc = subprocess.Popen(command, cwd=root, env=_stage_env(progress_file), stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT)
@@ -106,7 +114,12 @@ def _run_streamed(command: list[str], root: Path, address: str, logger) -> tuple
 @task(cache_policy=NO_CACHE, persist_result=False)
 def reproduce_stage(project: str, address: str, force: bool = False,
                     metrics: tuple[str, ...] = (), reports: tuple[str, ...] = ()) -> State:
-    """Bring one DVC stage up to date: skip it if `dvc status` says so, else `dvc repro --single-item` it."""
+    """Bring one DVC stage up to date: skip it if `dvc status` says so, else `dvc repro --single-item` it.
+
+    Artifacts (metrics tables, reports) are published only for a stage that ran or was restored from DVC's run
+    cache: a skipped stage's outputs are the ones an earlier run already showed. The state's data is the files DVC
+    asks to `git add` (its reminder is left out of the task log; the flow names them once, at the end).
+    """
     logger = get_run_logger()
     root = Path(project)
     try:
@@ -115,8 +128,7 @@ def reproduce_stage(project: str, address: str, force: bool = False,
         raise StageFailed(f"stage '{address}': DVC cannot read its status: {exc}") from None
     if not status.changed and not force:
         logger.info(f"skipped: {status.reason}")
-        _publish_artifacts(root, address, metrics, ())
-        return Completed(name="Skipped", message=f"skipped: {status.reason}")
+        return Completed(name=SKIPPED, message=f"skipped: {status.reason}", data={"git_add": []})
     reason = status.reason if status.changed else "forced (--force); DVC finds it up to date"
     logger.info(f"running: {reason}")
 
@@ -129,12 +141,13 @@ def reproduce_stage(project: str, address: str, force: bool = False,
     if returncode != 0:
         why = summary.stage_error or summary.dvc_error or summary.last_line or "no output"
         raise StageFailed(f"stage '{address}' failed: {why}")   # DVC's exit status (255) says nothing more
-    _publish_artifacts(root, address, metrics, reports)
+    data = {"git_add": summary.git_add}
     if summary.dvc_skipped:
-        return Completed(name="Skipped", message="skipped: DVC found it up to date")
+        return Completed(name=SKIPPED, message="skipped: DVC found it up to date", data=data)
+    _publish_artifacts(root, address, metrics, reports)
     if summary.restored:
-        return Completed(name="Restored", message=f"restored from DVC's run cache ({reason})")
-    return Completed(message=f"ran in {elapsed:.1f}s: {reason}")
+        return Completed(name=RESTORED, message=f"restored from DVC's run cache ({reason})", data=data)
+    return Completed(message=f"ran in {elapsed:.1f}s: {reason}", data=data)
 
 
 def _publish_artifacts(root: Path, address: str, metrics: tuple[str, ...], reports: tuple[str, ...]) -> None:
@@ -158,6 +171,8 @@ def xlm_pipeline(project: str = ".", stages: list[str] | None = None, force: boo
 
     ``force`` reruns the named ``stages`` (every stage when none are named) even if DVC finds them up to date;
     the stages they depend on still run only if changed. Stops at the first failing stage, like `dvc repro`.
+    Ends Completed with ``flow_summary`` as its message and ``{stage: state name}`` as its result (what a call
+    returns).
     """
     logger = get_run_logger()
     root = find_project_root(project)
@@ -175,7 +190,40 @@ def xlm_pipeline(project: str = ".", stages: list[str] | None = None, force: boo
         if state.is_failed():
             logger.error(f"stopping: stage '{stage.address}' failed ({state.message})")
             state.result()   # raises the stage's StageFailed: the flow fails with the stage's error line
-    return {address: state.name for address, state in states.items()}
+    names = {address: state.name for address, state in states.items()}
+    summary = flow_summary(names)
+    logger.info(summary)
+    if hint := _git_hint(states):
+        logger.info(hint)
+    return Completed(message=summary, data=names)   # type: ignore[return-value]  # the UI shows the summary
+
+
+def flow_summary(names: dict[str, str]) -> str:
+    """``4 stages: 1 ran, 3 skipped (up to date) (ran: evaluate)``: what the flow did, Skipped apart from Completed."""
+    ran = [a for a, n in names.items() if n == RAN]
+    restored = [a for a, n in names.items() if n == RESTORED]
+    skipped = [a for a, n in names.items() if n == SKIPPED]
+    parts = [f"{len(ran)} ran", f"{len(skipped)} skipped (up to date)"]
+    if restored:
+        parts.append(f"{len(restored)} restored from DVC's run cache")
+    done = ", ".join(ran + restored)
+    return (f"{len(names)} stage{'s' if len(names) != 1 else ''}: {', '.join(parts)}"
+            + (f" ({'ran' if not restored else 'ran or restored'}: {done})" if done else ""))
+
+
+def _git_hint(states: dict[str, State]) -> str | None:
+    """DVC's reminder after each stage (`git add dvc.lock ...`, `dvc push`), once for the whole flow."""
+    files: list[str] = []
+    for state in states.values():
+        data = state.result(raise_on_failure=False) if state.is_completed() else None
+        for name in data.get("git_add", []) if isinstance(data, dict) else []:
+            if name not in files:
+                files.append(name)
+    if not files:
+        return None
+    return (f"DVC updated {', '.join(files)}: `git add {' '.join(files)}` and commit to record this run; "
+            "`dvc push` sends the outputs to a DVC remote, if one is set (DVC's reminder after each stage is left "
+            "out of the task logs)")
 
 
 # --------------------------------------------------------------------------------------------------------------- CLI

@@ -16,6 +16,7 @@ if __name__ == "__main__":
     die_with_the_launcher()  # first, before the slow imports below: a kill during them must not leave an orphan
 
 import argparse  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -26,15 +27,16 @@ from pipeline.errors import PipelineError, disk_full_is_an_error, run_cli  # noq
 from pipeline.params import StageParams, load_params  # noqa: E402
 from pipeline.pretrain_settings import changed_settings, model_config, objectives_config, training_fingerprint  # noqa: E402
 from xlm_core.atomic import write_json  # noqa: E402
-from xlm_core.data import PretrainLoader  # noqa: E402
+from xlm_core.data import DataError, PretrainLoader, iter_eval_batches  # noqa: E402
 from xlm_core.embeddings_init import coverage_line, init_model_embeddings  # noqa: E402
 from xlm_core.model import XLMModel  # noqa: E402
+from xlm_core.metrics import unigram_score  # noqa: E402
 from xlm_core.model_dir import save_model_dir  # noqa: E402
 from xlm_core.shards import ShardSet  # noqa: E402
 from xlm_core.tokenizer import Tokenizer, TokenizerError  # noqa: E402
 from xlm_core.train import parallelize, runtime  # noqa: E402
 from xlm_core.train.checkpoint import CheckpointManager, settle_set_aside  # noqa: E402
-from xlm_core.train.sinks import DVCLiveSink, StderrProgress, TrainLog, progress_file_sink  # noqa: E402
+from xlm_core.train.sinks import DVCLiveSink, StderrProgress, TrainLog, below_unigram, progress_file_sink  # noqa: E402
 from xlm_core.train.task import PretrainTask, micro_batch_loss  # noqa: E402
 from xlm_core.train.trainer import Trainer, lr_multiplier, seq_len_schedule  # noqa: E402
 from xlm_core.train.validation import validate, validation_jobs  # noqa: E402
@@ -53,6 +55,10 @@ def pretrain(params: StageParams, shards_dir: Path, tokenizer_dir: Path, checkpo
     autocast_dtype, sharded = runtime.pick_dtype(p.dtype, device), world > 1 and p.parallel == "fsdp"
     say(f"{world} process(es) on {device.type}" + (f", {p.parallel.upper()}" if world > 1 else "")
         + f", {torch.get_num_threads()} thread(s) each")
+    # MFU/HFU's yardstick, taken before the loader's threads start (their CPU time would lower a measured peak)
+    peak = runtime.peak_flops(device, autocast_dtype) if is_main else None
+    if peak:
+        say(f"MFU/HFU against a peak of {peak.describe()}")
 
     try:
         tokenizer = Tokenizer.load(tokenizer_dir)
@@ -103,11 +109,19 @@ def pretrain(params: StageParams, shards_dir: Path, tokenizer_dir: Path, checkpo
         say(f"resuming from {checkpoints.resumable.name} (step {resume_step} of {p.steps})")
 
     start_step = trainer.step
+    progress_files = progress_file_sink(p.steps) if is_main else []
     sinks = [DVCLiveSink(live_dir, start_step if resume_step is not None else None),
-             *progress_file_sink(p.steps), StderrProgress(p.steps, start_step)] if is_main else []
+             *progress_files, StderrProgress(p.steps, start_step)] if is_main else []
+    # The validation figures' unigram level (only MLM has one; smoothed targets lean to rare pieces, for which the
+    # uniform one is no floor): beside each validation in `xlm flow`'s table, and the final figures' warning.
+    floor = valid_unigram(params, shards_dir, tokenizer, cfg.vocab_size) \
+        if is_main and dict(p.objectives).get("mlm", 0) > 0 and p.masking.smoothing == 0 else {}
+    for sink in progress_files:
+        sink.set_unigram({name: value for lang, (accuracy, perplexity) in floor.items() for name, value in
+                          ((f"valid/mlm_accuracy/{lang}", accuracy), (f"valid/mlm_loss/{lang}", math.log(perplexity)))})
     flops = model.flops_per_token(p.seq_len, projected_fraction=p.masking.rate)
-    log = TrainLog(sinks, p.log_every, p.steps, world, flops, runtime.measure_peak_flops(device) if is_main else 0.0,
-                   row_length)
+    log = TrainLog(sinks, p.log_every, p.steps, world, flops, peak.flops if peak else 0.0, row_length,
+                   peak_text=peak.describe() if peak else "", quiet=not is_main)
     jobs = validation_jobs(p.objectives, params.languages, pairs)
     last_valid: dict[str, float] = {}
 
@@ -118,11 +132,12 @@ def pretrain(params: StageParams, shards_dir: Path, tokenizer_dir: Path, checkpo
 
     def validate_and_checkpoint(trainer_: Trainer, _result) -> None:
         step = trainer_.step
-        if step % p.eval_every == 0 or step == p.steps:
-            last_valid.update(validate_now())   # the same figures each time: the newest replace the last
-            log.log("valid", step, {f"valid/{k}": v for k, v in last_valid.items()})
-        if step % p.checkpoint_every == 0 or step == p.steps:
-            checkpoints.save(step)
+        with log.paused():   # not training time: tokens/s (and the warning when it halves) leave it out
+            if step % p.eval_every == 0 or step == p.steps:
+                last_valid.update(validate_now())   # the same figures each time: the newest replace the last
+                log.log("valid", step, {f"valid/{k}": v for k, v in last_valid.items()})
+            if step % p.checkpoint_every == 0 or step == p.steps:
+                checkpoints.save(step)
 
     t0 = time.perf_counter()
     try:
@@ -138,6 +153,8 @@ def pretrain(params: StageParams, shards_dir: Path, tokenizer_dir: Path, checkpo
     metrics = {}
     if is_main:
         train_seconds = time.perf_counter() - t0
+        for message in below_unigram(last_valid, floor) if floor else []:
+            log.warn(message)
         metrics = {"steps": p.steps, "resumed_from": start_step, "skipped_steps": trainer.skipped_total,
                    "seconds": round(train_seconds, 1), "valid": last_valid,
                    "loader_stall_fraction": round(trainer.data_wait_s / max(train_seconds, 1e-9), 5),
@@ -151,6 +168,24 @@ def pretrain(params: StageParams, shards_dir: Path, tokenizer_dir: Path, checkpo
             write_json(metrics_path, metrics)
     parallelize.shutdown()
     return metrics
+
+
+def valid_unigram(params: StageParams, shards_dir: Path, tokenizer: Tokenizer,
+                  vocab_size: int) -> dict[str, tuple[float, float]]:
+    """Per language, (accuracy, perplexity) of the best context-free guess at validation's MLM targets (the same
+    batches and seeds as ``validate``): the level the final figures must clear, else the run learned nothing."""
+    p = params.pretrain
+    floor = {}
+    for lang in params.languages:
+        batches = iter_eval_batches(shards_dir / "valid", params.languages, "mlm", lang, p.seq_len, p.batch_size,
+                                    max_batches=p.eval_batches, seed=p.seed, tokenizer=tokenizer)
+        try:
+            score = unigram_score(batches, vocab_size, p.masking.rate)
+        except DataError:
+            continue   # no valid text in this language: validate has no figure for it either
+        if score.targets:
+            floor[lang] = (score.accuracy, score.perplexity)
+    return floor
 
 
 def write_model_dir(model_dir: Path, weights: dict, cfg, params: StageParams, objectives, identity: dict,

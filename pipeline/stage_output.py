@@ -3,11 +3,22 @@ from __future__ import annotations
 
 import logging
 import re
+import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 TQDM_LOG_EVERY_S = 10.0            # a tqdm bar redrawn with \r becomes at most one log line per this many seconds
+
+# Terminal control: CSI (tqdm's cursor-up \x1b[A, colours), OSC, two-byte escapes; other C0 controls but the tab.
+_ESCAPES = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])|[\x00-\x08\x0b-\x1f\x7f]")
+# A tqdm bar: "clean:  40%|####  | 4/10 [...]" or, without a total, "clean: 7it [...]"
+_BAR = re.compile(r"\d+%\||\d+(?:\.\d+)?[kMGTPEZY]?\w* \[\d+:\d\d")
+_BAR_DONE = re.compile(r"100%\||(?<![\d.])(\d+(?:\.\d+)?[kMGTPEZY]?)/\1(?![\d.])")
+# A whole bar up to its closing bracket, to split off a line the stage printed right after an unfinished bar
+_WHOLE_BAR = re.compile(r".*?(?:\d+%\|[^|]*\|[^\[\]]*|\d+(?:\.\d+)?[kMGTPEZY]?\w* )\[\d+:\d\d[^\]]*\]")
+# DVC's reminders after a stage ran (the flow says it once, at the end, instead)
+_DVC_HINTS = ("To track the changes with git, run:", "To enable auto staging, run:", "Use `dvc push` to send your")
 
 
 @dataclass
@@ -17,14 +28,17 @@ class StageOutputSummary:
     last_line: str | None = None
     dvc_skipped: bool = False        # DVC found nothing to do after all
     restored: bool = False           # DVC restored the outputs from its run cache instead of running the command
+    git_add: list[str] = field(default_factory=list)   # the files DVC's left-out reminder asks to `git add`
 
 
 class StageOutput:
     """Splits a stage's raw output into log lines as it arrives.
 
     Lines ending in \\n (or \\r\\n) are logged as they come. tqdm redraws its bar with \\r many times a second:
-    those redraws are logged at most once every ``every_s`` seconds; the bar's final state (tqdm ends it with \\n)
-    always is, and so is the last redraw of a bar the stage never finished.
+    those redraws (and an unfinished bar ending in \\n, as nested bars draw) are logged at most once every
+    ``every_s`` seconds; the bar's final state always is, and so is the last redraw of a bar the stage never
+    finished. Terminal escapes (tqdm's cursor-up \\x1b[A) are dropped; a line printed right after an unfinished bar
+    is logged apart from it; DVC's `git add` / `dvc push` reminders are left out (their files: ``summary.git_add``).
     """
 
     def __init__(self, emit: Callable[[str], None], every_s: float = TQDM_LOG_EVERY_S):
@@ -33,6 +47,7 @@ class StageOutput:
         self._buffer = b""
         self._last_redraw_logged = float("-inf")
         self._unlogged_redraw: str | None = None   # the newest redraw the throttle dropped
+        self._in_dvc_hint = False
 
     def feed(self, chunk: bytes) -> None:
         self._buffer += chunk
@@ -63,9 +78,16 @@ class StageOutput:
             self._line(segment.decode("utf-8", errors="replace"), redraw)
 
     def _line(self, line: str, redraw: bool) -> None:
-        line = line.rstrip()
+        line = _ESCAPES.sub("", line).rstrip()
         if not line.strip():
             return
+        if (bar := _WHOLE_BAR.match(line)) and line[bar.end():].strip():   # "shard: 20%|...]error: [shard] ..."
+            self._unlogged_redraw = None
+            self._log(bar.group(0))                # where the bar was when the line came
+            line = line[bar.end():]
+        if not redraw and self._dvc_hint(line.strip()):
+            return
+        redraw = redraw or bool(_BAR.search(line) and not _BAR_DONE.search(line))
         if redraw:
             now = time.monotonic()
             if now - self._last_redraw_logged < self.every_s:
@@ -74,6 +96,17 @@ class StageOutput:
             self._last_redraw_logged = now
         self._unlogged_redraw = None
         self._log(line)
+
+    def _dvc_hint(self, text: str) -> bool:
+        """True for the lines of DVC's reminders (blank lines between them are dropped before)."""
+        if text.startswith(_DVC_HINTS):
+            self._in_dvc_hint = True
+        elif self._in_dvc_hint and text.startswith("git add "):
+            self.summary.git_add += [f for f in shlex.split(text[8:]) if f not in self.summary.git_add]
+        elif not (self._in_dvc_hint and text == "dvc config core.autostage true"):
+            self._in_dvc_hint = False
+            return False
+        return True
 
     def _log(self, line: str) -> None:
         text = line.strip()

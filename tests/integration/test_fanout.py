@@ -260,6 +260,57 @@ def test_a_user_error_in_a_prefect_unit_is_one_line_without_prefects_traceback(p
     assert "task_engine.py" not in err and "flow_engine.py" not in err, err[-3000:]   # the traceback does not
 
 
+_UNITS_IN_A_SUBPROCESS = """
+import sys
+from types import SimpleNamespace
+from pipeline import fanout
+from tests.integration.test_fanout import _unit_refusing_two
+cfg = SimpleNamespace(task_runner="prefect", dask_address=None)
+print(fanout.run_stage("clean", cfg, lambda fan: fan.map(_unit_refusing_two, [(1,), (3,)], names=["one", "three"]),
+                       workers=2))
+"""
+
+
+@pytest.mark.slow
+def test_under_xlm_flow_the_units_are_tasks_nested_in_the_one_flow_run(prefect_api, monkeypatch):
+    """`xlm flow` runs a stage in a `dvc repro` subprocess; with task_runner: prefect the stage's flow run is created
+    under the stage's task run (XLM_PREFECT_PARENT_TASK_RUN), so its units appear inside the one pipeline run."""
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentTaskRunId, FlowRunFilterId
+    from prefect.context import TaskRunContext
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+
+    @task(name="clean")
+    def stage() -> str:
+        env = project_env({"PREFECT_API_URL": prefect_api,
+                           fanout.PARENT_TASK_RUN_ENV: str(TaskRunContext.get().task_run.id)})
+        proc = subprocess.run([sys.executable, "-c", _UNITS_IN_A_SUBPROCESS], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0 and proc.stdout.strip() == "[1, 3]", proc.stderr[-3000:]
+        return str(TaskRunContext.get().task_run.id)
+
+    @flow(name="xlm-pipeline-test")
+    def pipeline_run() -> str:
+        return stage()
+
+    parent_task_run = pipeline_run()
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while True:
+            nested = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[parent_task_run])))
+            units = client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[r.id for r in nested]))) if nested else []
+            if len([u for u in units if u.state is not None and u.state.is_completed()]) >= 2 \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    assert len(nested) == 1 and nested[0].state.is_completed(), nested
+    assert sorted(u.name for u in units) == ["one", "three"]
+
+
 def test_thread_pool_given_by_the_caller_matches_too(tmp_path, corpus):
     """The `executor=` hook (embedding, tests) takes the same path: results in plan order whatever finishes first."""
     root, reference = corpus

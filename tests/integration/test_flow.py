@@ -5,7 +5,9 @@ ML stages: what is under test is how DVC's stages become Prefect task runs, stat
 """
 from __future__ import annotations
 
+import base64
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -23,6 +25,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
     LogFilter,
+    LogFilterFlowRunId,
     LogFilterTaskRunId,
 )
 from prefect.client.schemas.sorting import FlowRunSort, LogSort
@@ -30,7 +33,6 @@ from prefect.logging.handlers import APILogHandler
 
 from pipeline import flow as xlm_flow
 from pipeline.errors import PipelineError
-from pipeline.stage_output import StageOutput
 from tests.helpers.project import ROOT, dvc, project_env, run, write_params
 
 # ---------------------------------------------------------------------------------------------- the fixture pipeline
@@ -41,6 +43,11 @@ STAGE_SCRIPT = textwrap.dedent('''
 
     import yaml
     from tqdm import tqdm
+
+
+    PNG = ("89504e470d0a1a0a0000000d49484452000000010000000108000000003a7e9b550000000a49444154789c6368000000"
+           "82008177cd72b60000000049454e44ae426082")                # a grey 1x1 PNG
+    LANGS = ("en", "fr", "ru", "de", "es")
 
 
     def main(name):
@@ -62,6 +69,9 @@ STAGE_SCRIPT = textwrap.dedent('''
             lines = Path("data/raw.txt").read_text().splitlines()
             for _ in tqdm(range(300), desc="clean", file=sys.stderr, mininterval=0, miniters=1):
                 time.sleep(0.002)                          # ~300 carriage-return redraws of the bar
+            for _ in tqdm(range(2), desc="files", file=sys.stderr, mininterval=0, miniters=1):
+                for _ in tqdm(range(5), desc="rows", file=sys.stderr, mininterval=0, miniters=1, leave=False):
+                    pass                                   # nested bars move the cursor up: \x1b[A
             Path("data/clean.txt").write_text("".join(line.upper() + "\\n" for line in lines))
             Path("metrics/clean.json").write_text(json.dumps({"lines": len(lines), "split": {"train": 2, "valid": 1}}))
         elif name == "pretrain":                           # progress records as xlm_core.train.sinks writes them
@@ -76,11 +86,27 @@ STAGE_SCRIPT = textwrap.dedent('''
                                               "elapsed_s": time.monotonic() - started,
                                               "figures": {"train/loss": 5 / step, "train/tokens_per_s": 1000 + step}})
                                   + "\\n")
+                    if step % p["eval_every"] == 0 or step == p["steps"]:
+                        figures = {f"valid/mlm_{what}/{lang}": value for lang in ("en", "fr")
+                                   for what, value in (("loss", 3 / step ** 0.5), ("accuracy", step / 20))}
+                        records.write(json.dumps({"kind": "valid", "step": step, "total": p["steps"],
+                                                  "elapsed_s": time.monotonic() - started,
+                                                  "figures": {**figures, "valid/tlm_loss/en-fr": 4 / step},
+                                                  "unigram": {"valid/mlm_loss/en": 1.2, "valid/mlm_loss/fr": 1.2,
+                                                              "valid/mlm_accuracy/en": 0.2}}) + "\\n")
                     records.flush()
             Path("data/model.txt").write_text(f"lr={p['lr']}\\n")
             Path("metrics/pretrain.json").write_text(json.dumps({"loss": 5 / p["steps"]}))
         elif name == "evaluate":
-            Path("reports/eval.md").write_text("# Evaluation\\n\\n| metric | value |\\n|---|---|\\n| ppl | 12.5 |\\n")
+            Path("reports/eval").mkdir(exist_ok=True)
+            Path("reports/eval/perplexity.png").write_bytes(bytes.fromhex(PNG))
+            wide = [f"perplexity ({model}, {lang})" for model in ("trained", "baseline") for lang in LANGS]
+            Path("reports/eval.md").write_text(
+                "# Evaluation\\n\\n| metric | value |\\n|---|---|\\n| ppl | 12.5 |\\n\\n"
+                + "| suite | " + " | ".join(wide) + " |\\n|---|" + "---|" * len(wide) + "\\n"
+                + "| `flores` | " + " | ".join(str(10 + i) for i in range(len(wide))) + " |\\n\\n"
+                + "![MLM perplexity per language](eval/perplexity.png)\\n\\n"
+                + "- 15% of the pieces replaced by <mask>; the `<mask>` id is the last; </s> ends a row\\n")
             Path("metrics/eval.json").write_text(json.dumps({"ppl": 12.5}))
         print(f"{name}: done")
         return 0
@@ -96,7 +122,7 @@ DVC_YAML = textwrap.dedent('''
         cmd: python stage.py evaluate
         deps: [stage.py, data/model.txt]
         params: [evaluate]
-        outs: [reports/eval.md]
+        outs: [reports/eval.md, reports/eval]
         metrics:
           - metrics/eval.json:
               cache: false
@@ -126,7 +152,7 @@ DVC_YAML = textwrap.dedent('''
 PARAMS = {
     "download": {"lines": 3, "fail_attempts": 0},
     "clean": {"fail": None},
-    "pretrain": {"lr": 0.1, "steps": 10, "sleep_s": 0.4},
+    "pretrain": {"lr": 0.1, "steps": 10, "sleep_s": 0.4, "eval_every": 3},
     "evaluate": {"fail": None},
 }
 DVC_ORDER = ["download", "clean", "pretrain", "evaluate"]
@@ -178,9 +204,20 @@ def task_logs(task_run_id) -> list[str]:
     return [log.message for log in logs]
 
 
-def artifacts(key: str) -> list:
+def flow_logs(flow_run_id) -> list[str]:
+    """The flow run's own log lines and its tasks'."""
+    APILogHandler().flush()
     with get_client(sync_client=True) as client:
-        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                sort=LogSort.TIMESTAMP_ASC)
+    return [log.message for log in logs]
+
+
+def artifacts(key: str | None = None, flow_run_id=None) -> list:
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])) if key else None,
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])) if flow_run_id else None)
 
 
 def by_name(runs) -> dict:
@@ -213,11 +250,44 @@ def test_flow_runs_each_stage_as_a_task_in_dvc_order(first_run):
     assert any("300/300" in line for line in redraws)                 # the bar's final state is always logged
     assert len(redraws) <= 5, redraws                                 # ~300 redraws collapsed
 
+    assert not [line for line in lines if "\x1b" in line or "\r" in line]    # tqdm's cursor moves are gone
+    nested = [line for line in lines if line.startswith(("files:", "rows:"))]
+    assert 1 <= len(nested) <= 6 and any("2/2" in line for line in nested), nested
+
     table = next(a for a in artifacts("clean-metrics") if a.task_run_id == clean.id)
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert {"metric": "split.train", "value": 2} in rows and {"metric": "lines", "value": 3} in rows
     report = next(a for a in artifacts("eval-report") if a.task_run_id == by_name(runs)["evaluate"].id)
     assert "| ppl | 12.5 |" in report.data
+
+    # DVC's `git add` / `dvc push` reminder: in no task's log, said once by the flow
+    logs = flow_logs(state.state_details.flow_run_id)
+    assert not [line for line in logs if "dvc push` to send" in line or "autostage" in line or "To track" in line]
+    hints = [line for line in logs if "`git add " in line]
+    assert len(hints) == 1 and "dvc.lock" in hints[0] and "`dvc push`" in hints[0], hints
+    assert state.message == "4 stages: 4 ran, 0 skipped (up to date) (ran: download, clean, pretrain, evaluate)"
+
+
+def test_eval_report_artifact_is_self_contained(first_run):
+    """reports/eval.md as the UI shows it: images inlined, <mask> literal, a wide table split, not cut."""
+    proj, state, _ = first_run
+    evaluate = by_name(task_runs(state.state_details.flow_run_id))["evaluate"]
+    report = next(a for a in artifacts("eval-report") if a.task_run_id == evaluate.id).data
+    png = base64.b64encode((proj / "reports/eval/perplexity.png").read_bytes()).decode()
+    assert f"![MLM perplexity per language](data:image/png;base64,{png})" in report
+    assert not re.search(r"\]\((?!data:|https?:)", report)                 # no image or link at a relative path
+    assert "replaced by &lt;mask&gt;; the `<mask>` id is the last; &lt;/s&gt; ends a row" in report
+    assert "<mask>" not in report.replace("`<mask>`", "")
+
+    source = (proj / "reports/eval.md").read_text()
+    header = next(line for line in source.splitlines() if line.startswith("| suite |"))
+    tables = [line for line in report.splitlines() if line.startswith("| suite |")]
+    assert len(tables) >= 2 and all(len(line) <= 130 for line in tables), tables   # split, each fits
+    shown = {cell.strip() for line in tables for cell in line.strip("|").split("|")}
+    assert {cell.strip() for cell in header.strip("|").split("|")} <= shown       # no column left out
+    values = {cell.strip() for line in report.splitlines() if line.startswith("| `flores` |")
+              for cell in line.strip("|").split("|")}
+    assert {str(10 + i) for i in range(10)} <= values
 
 
 def test_second_run_skips_every_stage_quickly(first_run):
@@ -231,6 +301,8 @@ def test_second_run_skips_every_stage_quickly(first_run):
     assert [r.state.name for r in runs] == ["Skipped"] * 4
     assert all(r.state.is_completed() and "up to date" in r.state.message for r in runs)
     assert state.result() == {name: "Skipped" for name in DVC_ORDER}
+    assert state.message == "4 stages: 0 ran, 4 skipped (up to date)"
+    assert artifacts(flow_run_id=state.state_details.flow_run_id) == []      # nothing new to show
     assert seconds < 15, f"an all-skipped run took {seconds:.1f}s"
 
 
@@ -245,6 +317,9 @@ def test_param_change_reruns_only_the_stages_that_depend_on_it(first_run, tmp_pa
     assert "changed params: pretrain.lr (0.1 -> 0.2)" in runs["pretrain"].state.message
     assert "data/model.txt modified" in runs["evaluate"].state.message
     assert (proj / "data/model.txt").read_text() == "lr=0.2\n"
+    assert state.message == "4 stages: 2 ran, 2 skipped (up to date) (ran: pretrain, evaluate)"
+    shown = {a.key for a in artifacts(flow_run_id=state.state_details.flow_run_id)}
+    assert {"pretrain-metrics", "eval-report", "evaluate-metrics"} <= shown and "clean-metrics" not in shown, shown
 
 
 def test_failing_stage_fails_the_flow_with_its_error_line(first_run, tmp_path):
@@ -279,35 +354,53 @@ def test_download_is_retried_with_backoff(first_run, tmp_path, monkeypatch):
     assert runs["clean"].state.name == "Skipped"                       # same data/raw.txt: nothing downstream reruns
 
 
-def test_cli_runs_named_stages_and_updates_the_progress_artifact_live(first_run, prefect_api, tmp_path):
-    """`xlm flow --stages pretrain --force` in a subprocess; the test polls the progress artifact while it trains.
+def test_cli_runs_named_stages_and_updates_the_progress_artifacts_live(first_run, prefect_api, tmp_path):
+    """`xlm flow --stages pretrain --force` in a subprocess; the test polls the progress and validation artifacts
+    while it trains (Prefect keeps no history of an artifact's updates).
 
-    The artifact follows the records the stage appends to XLM_PROGRESS_FILE (its stderr lines carry no ETA)."""
+    They follow the records the stage appends to XLM_PROGRESS_FILE (its stderr lines carry no ETA)."""
     proj = copy_project(first_run[0], tmp_path / "proj")
-    seen_before = {a.id for a in artifacts("pretrain-progress")}
+    keys = ("pretrain-progress", "pretrain-validation")
+    seen_before = {a.id for key in keys for a in artifacts(key)}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.flow", "--stages", "pretrain", "--force"], cwd=proj,
                             env=project_env({"PREFECT_API_URL": prefect_api}), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    observed = []                                                      # (id, progress, description) while it runs
+    observed = {key: [] for key in keys}                   # (id, data, description) of each version seen running
     while proc.poll() is None:
-        for artifact in artifacts("pretrain-progress"):
-            seen = (artifact.id, artifact.data, artifact.description)
-            if artifact.id not in seen_before and seen not in observed:
-                observed.append(seen)
+        for key in keys:
+            for artifact in artifacts(key):
+                seen = (artifact.id, artifact.data, artifact.description)
+                if artifact.id not in seen_before and seen not in observed[key]:
+                    observed[key].append(seen)
         time.sleep(0.1)
     output = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0, output
     assert "reporting to the Prefect server at" in output
 
     # 10 records 0.4 s apart, written at most every 2 s: created at step 1, updated in place at step ~6 and at step 10.
-    # Prefect keeps no history of updates, so the test watches the artifact while the stage trains.
-    assert len({artifact_id for artifact_id, _, _ in observed}) == 1, observed     # one artifact, updated in place
-    values = [value for _, value, _ in observed]
-    assert len(set(values)) >= 3 and values == sorted(values), observed           # created, then updated twice
+    progress = observed["pretrain-progress"]
+    assert len({artifact_id for artifact_id, _, _ in progress}) == 1, progress     # one artifact, updated in place
+    values = [value for _, value, _ in progress]
+    assert len(set(values)) >= 3 and values == sorted(values), progress           # created, then updated twice
     final = next(a for a in artifacts("pretrain-progress") if a.id not in seen_before)
     assert final.data == 100.0
-    assert "step 10/10" in final.description and "loss 0.5000" in final.description
+    running_mean = sum(5 / step for step in range(1, 11)) / 10                   # not the last step's 0.5000
+    assert "step 10/10" in final.description and f"loss {running_mean:.4f} (mean of the last 10 logs)" in \
+        final.description
     assert "1010 tokens/s" in final.description and "ETA 0s" in final.description
+
+    # validation records at steps 3, 6, 9 and 10 (1.2 s apart, the last two 0.4 s): one table, rewritten at each
+    validation = observed["pretrain-validation"]
+    assert len({artifact_id for artifact_id, _, _ in validation}) == 1, validation
+    steps = [re.search(r"validation at step (\d+)/10", data).group(1) for _, data, _ in validation]
+    assert len(set(steps)) >= 2 and steps == sorted(steps, key=int), steps       # updated at least twice, live
+    table = next(a for a in artifacts("pretrain-validation") if a.id not in seen_before).data
+    assert "validation at step 10/10" in table and "| metric | en | fr | en-fr |" in table
+    loss = 3 / 10 ** 0.5
+    assert f"| mlm_loss (lower is better) | {loss:.4f} (unigram 1.2000) **better** |" in table
+    assert "| mlm_accuracy (higher is better) | 0.5000 (unigram 0.2000) **better** | 0.5000 (step 9: 0.4500) " \
+           "**better** |" in table                                               # no unigram for fr: the trend
+    assert "| tlm_loss (lower is better) |  |  | 0.4000 (step 9: 0.4444) **better** |" in table
 
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(final.flow_run_id)
@@ -330,22 +423,6 @@ def test_unreachable_server_is_one_clear_line(template, tmp_path):
     assert not (proj / "dvc.lock").exists()                            # nothing ran
 
 
-def test_stage_output_splits_lines_and_throttles_carriage_return_redraws():
-    logged = []
-    out = StageOutput(logged.append, every_s=3600)
-    stream = (b"Running stage 'clean':\r\n> python stage.py clean\n"
-              + b"".join(b"\rclean:  %3d%%|" % i for i in range(0, 101, 10)) + b"\n"   # tqdm: \r before each draw
-              + "\rshard: 10%|\rshard: 20%|error: [shard] caf\u00e9 is not NFC\n".encode()   # glued to a bar
-              + b"\rshard: 30%|\rshard: 40%|\r")                          # a bar the stage never finished
-    for i in range(0, len(stream), 7):                                 # chunk boundaries fall mid-line
-        out.feed(stream[i:i + 7])
-    summary = out.close()
-    assert logged == ["Running stage 'clean':", "> python stage.py clean", "clean:    0%|", "clean:  100%|",
-                      "shard: 20%|error: [shard] caf\u00e9 is not NFC", "shard: 40%|"]
-    assert summary.stage_error == "error: [shard] caf\u00e9 is not NFC"
-    assert summary.last_line == "shard: 40%|"
-
-
 def test_unknown_stage_names_the_known_ones(template):
     with pytest.raises(PipelineError, match=r"stages: evaluate, pretrain, download, clean|stages: .*download"):
         xlm_flow.plan_stages(template, ["nope"])
@@ -363,3 +440,20 @@ def test_project_settings_keep_prefect_local(monkeypatch):
     assert settings.server.analytics_enabled is False
     assert settings.server.api.host == "127.0.0.1" and settings.server.api.port == 4200
     assert settings.server.ephemeral.enabled is True          # `PREFECT_API_URL= xlm flow` gets a temporary server
+
+
+def test_dvc_repro_sends_nothing_to_a_running_prefect_server(dvc_project, prefect_api):
+    """A Prefect server listening (and configured) does not turn `dvc repro` into Prefect runs: the data stages'
+    fan-out runs on `task_runner: thread`, chosen in params.yaml, and never asks whether a server answers."""
+    from tests.integration.test_dvc_stages import _local_sources
+
+    def flow_run_ids() -> set:
+        with get_client(sync_client=True) as client:
+            return {r.id for r in client.read_flow_runs(limit=200)}
+
+    before = flow_run_ids()
+    _local_sources(dvc_project)
+    proc = run([sys.executable, "-m", "dvc", "repro", "clean"], dvc_project,
+               env=project_env({"PREFECT_API_URL": prefect_api}))
+    assert "Running stage 'clean'" in proc.stdout and "units run on" in proc.stderr + proc.stdout
+    assert flow_run_ids() == before

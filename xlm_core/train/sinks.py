@@ -3,13 +3,17 @@ the Prefect flow), and stderr (a tqdm bar and one plain line per log interval). 
 training figures and hands them to every sink."""
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import shutil
+import statistics
 import sys
 import time
+from collections import deque
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from xlm_core.atomic import atomic_file
 
@@ -96,6 +100,9 @@ def truncate_live(live_dir: Path, step: int) -> None:
 class ProgressFileSink(Sink):
     """One JSON object per line, flushed per line: ``{"kind", "step", "total", "elapsed_s", "figures"}``.
 
+    A validation record also carries ``"unigram"``: the unigram level (the best context-free guess at the same
+    targets, ``xlm_core.metrics.unigram_score``) of those of its figures ``set_unigram`` was given, under the same
+    names (``{"valid/mlm_loss/en": 6.2, ...}``); the flow's validation table sets each figure beside it.
     Appended to, so a file that several runs share holds all their records in order (`xlm flow` names a fresh
     file for each stage run); a reader takes whole lines only, as `pipeline.flow_artifacts.ProgressTail` does.
     """
@@ -103,11 +110,18 @@ class ProgressFileSink(Sink):
     def __init__(self, path: Path, total: int):
         self.total = total
         self.start = time.perf_counter()
+        self.unigram: dict[str, float] = {}
         self.fh = open(path, "a", encoding="utf-8")
+
+    def set_unigram(self, levels: dict[str, float]) -> None:
+        """The unigram level of validation figures, by figure name; they do not change during a run."""
+        self.unigram.update({name: float(value) for name, value in levels.items()})
 
     def log(self, kind: str, step: int, figures: dict[str, float]) -> None:
         record = {"kind": kind, "step": step, "total": self.total,
                   "elapsed_s": round(time.perf_counter() - self.start, 3), "figures": figures}
+        if kind == "valid" and (unigram := {k: v for k, v in self.unigram.items() if k in figures}):
+            record["unigram"] = unigram
         self.fh.write(json.dumps(record, sort_keys=True) + "\n")
         self.fh.flush()
 
@@ -149,24 +163,114 @@ class StderrProgress(Sink):
 def progress_line(step: int, total: int, figures: dict[str, float], elapsed: float, done_at_start: int) -> str:
     steps_done = step - done_at_start
     eta = (total - step) * elapsed / steps_done if steps_done else float("nan")
+    mfu = figures.get("train/mfu")   # left out when above 1 (TrainLog): "n/a", never a made-up 0
     return (f"step {step}/{total} loss {figures.get('train/loss', float('nan')):.4f} "
-            f"tokens/s {figures.get('train/tokens_per_s', 0):.0f} mfu {figures.get('train/mfu', 0):.3f} "
+            f"tokens/s {figures.get('train/tokens_per_s', 0):.0f} mfu {'n/a' if mfu is None else f'{mfu:.3f}'} "
             f"eta {eta:.0f}s")
+
+
+WARNING = "warning: [pretrain] "   # the prefix of every line that says the run looks broken
+
+
+class ThroughputWatch:
+    """Tokens/s falling below half its usual level (the median of the up to 20 intervals before) for two log
+    intervals in a row: a competing process, throttling or a stalled loader. One interval is not enough (a
+    garbage collection, a page-cache miss); the first three only set the level. Says so once per run."""
+
+    def __init__(self, settle: int = 3, recent: int = 20):
+        self.settle, self.history = settle, deque(maxlen=recent)
+        self.low, self.warned = 0, False
+
+    def observe(self, step: int, tokens_per_s: float) -> str | None:
+        usual = statistics.median(self.history) if len(self.history) >= self.settle else None
+        self.history.append(tokens_per_s)
+        if usual is None or self.warned:
+            return None
+        self.low = self.low + 1 if tokens_per_s < usual / 2 else 0
+        if self.low < 2:
+            return None
+        self.warned = True
+        return (f"throughput fell by half mid-run: {tokens_per_s:,.0f} tokens/s at step {step} against a usual "
+                f"{usual:,.0f} (the median of the intervals before); another process competing for this machine, "
+                f"thermal throttling or a stalled data loader (metrics/pretrain.json: loader_stall_fraction)")
+
+
+class AdversaryWatch:
+    """The language discriminator right on ≥ ``threshold`` of the sequences, averaged over its last ``window``
+    steps, once λ has reached its constant value (during λ's warm-up a discriminator that wins is expected): the
+    encoder is not hiding the language, which is what the adversary is on for. Says so once per run."""
+
+    def __init__(self, window: int = 50, threshold: float = 0.95):
+        self.recent: deque[tuple[float, float]] = deque(maxlen=window)
+        self.threshold, self.warned = threshold, False
+
+    def observe(self, step: int, logs: Mapping[str, float]) -> str | None:
+        if "adv_accuracy" not in logs:   # a step without the adversary (off, or not an MLM step)
+            return None
+        self.recent.append((logs["adv_accuracy"], logs.get("adv_lambda", 0.0)))
+        if self.warned or len(self.recent) < (self.recent.maxlen or 0):
+            return None
+        lambdas = [lam for _, lam in self.recent]
+        if min(lambdas) <= 0 or min(lambdas) < max(lambdas) * (1 - 1e-6):   # λ off, or still warming up
+            return None
+        accuracy = sum(acc for acc, _ in self.recent) / len(self.recent)
+        if accuracy < self.threshold:
+            return None
+        self.warned = True
+        return (f"the language discriminator is right on {accuracy:.1%} of the sequences over the last "
+                f"{len(self.recent)} adversarial steps (to step {step}, λ {lambdas[-1]:g}) with the adversary on: "
+                f"the encoder is not hiding the language; raise pretrain.adversarial.lambda_max")
+
+
+def below_unigram(valid: Mapping[str, float], floor: Mapping[str, tuple[float, float]]) -> list[str]:
+    """A warning per language whose validation MLM accuracy is at or below the unigram level's, or whose perplexity
+    is at or above it (``floor``: language -> (accuracy, perplexity) of the best context-free guess at the same
+    targets): the model does no better than piece frequencies."""
+    out = []
+    for lang, (floor_acc, floor_ppl) in floor.items():
+        acc, loss = valid.get(f"mlm_accuracy/{lang}"), valid.get(f"mlm_loss/{lang}")
+        if acc is None or loss is None:
+            continue
+        ppl = math.exp(min(loss, 700.0))
+        if acc <= floor_acc or ppl >= floor_ppl:
+            out.append(f"validation MLM on {lang} is at or below the unigram level (accuracy {acc:.3f} vs "
+                       f"{floor_acc:.3f}, perplexity {ppl:.4g} vs {floor_ppl:.4g}): the model does no better than "
+                       f"piece frequencies on {lang}; train longer (pretrain.steps) or check the {lang} data")
+    return out
+
+
+def _line(text: str) -> None:
+    """A line of its own on stderr: tqdm.write lifts the progress bar off it (a plain print would append it to the
+    bar's text) and draws the bar again below it."""
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stderr)
+    sys.stderr.flush()
 
 
 class TrainLog:
     """A Trainer hook: every ``every`` steps (and at the last) the training figures, to every sink.
 
-    Tokens/s is over the interval, all ranks together (``world`` × this rank's tokens: the ranks' batches are equal);
-    MFU and HFU divide the model's and the hardware's FLOPs per token by the measured ``peak_flops``.
+    Tokens/s is over the interval, all ranks together (``world`` × this rank's tokens: the ranks' batches are equal),
+    without the time spent in ``paused()`` (validation, checkpoints). MFU and HFU divide the model's and the
+    hardware's FLOPs per token by ``peak_flops`` (``runtime.peak_flops``; ``peak_text``: it and where it comes from).
+    Neither is ever logged above 1: HFU above 1 means the peak is wrong (the hardware did more than it can), so both
+    are left out from then on, with one warning; MFU alone above 1 is left out with one note (its model FLOPs count
+    the vocabulary head at every position, which the MLM head computes only at the masked ones). Warnings (one line
+    each, ``warning: [pretrain] ...`` on stderr unless ``quiet``) are kept in ``warnings``.
     """
 
     def __init__(self, sinks: Sequence[Sink], every: int, total: int, world: int, flops, peak_flops: float,
-                 row_length: Callable[[int], int]):
+                 row_length: Callable[[int], int], peak_text: str = "", quiet: bool = False,
+                 adversary_window: int = 50):
         self.sinks, self.every, self.total, self.world = list(sinks), every, total, world
         self.flops, self.peak, self.row_length = flops, peak_flops, row_length
+        self.peak_text, self.quiet = peak_text or f"{peak_flops:.4g} FLOP/s", quiet
         self.tokens = 0   # all ranks, since the run (this process) started
         self.window_tokens, self.window_start = 0, time.perf_counter()
+        self.warnings: list[str] = []
+        self.peak_unreliable, self.mfu_noted = False, False
+        self.throughput, self.adversary = ThroughputWatch(), AdversaryWatch(window=adversary_window)
 
     def __call__(self, trainer, result) -> None:
         step = trainer.step
@@ -175,18 +279,58 @@ class TrainLog:
         self.window_tokens += step_tokens
         for sink in self.sinks:
             sink.advance(step)
+        self._check(self.adversary.observe(step, result.logs))
         if not (step % self.every == 0 or step == self.total):
             return
         tps = self.window_tokens / max(time.perf_counter() - self.window_start, 1e-9)
         figures = {"train/loss": result.loss, "train/lr": result.lr, "train/grad_norm": result.grad_norm,
-                   "train/tokens_per_s": tps, "train/mfu": tps * self.flops.model / self.peak if self.peak else 0.0,
-                   "train/hfu": tps * self.flops.hardware / self.peak if self.peak else 0.0,
+                   "train/tokens_per_s": tps, **self.utilisation(step, tps),
                    "train/skipped_steps": float(trainer.skipped_total),
                    "train/row_length": float(self.row_length(step - 1))}
         # "adv_accuracy" and "adv_accuracy/en" cannot both be DVCLive names (a value and a folder)
         figures.update({f"train/{k.replace('/', '_')}": v for k, v in result.logs.items() if k != "loss"})
         self.log("train", step, figures)
+        self._check(self.throughput.observe(step, tps))
         self.window_tokens, self.window_start = 0, time.perf_counter()
+
+    def utilisation(self, step: int, tokens_per_s: float) -> dict[str, float]:
+        """``train/mfu`` and ``train/hfu`` at ``tokens_per_s``, each only where it is at most 1 (see the class)."""
+        if not self.peak or self.peak_unreliable:
+            return {}
+        mfu, hfu = tokens_per_s * self.flops.model / self.peak, tokens_per_s * self.flops.hardware / self.peak
+        if hfu > 1:
+            self.peak_unreliable = True
+            self.warn(f"HFU is {hfu:.2f} at step {step}, above 1: the peak it is measured against, {self.peak_text}, "
+                      f"is unreliable; train/mfu and train/hfu are left out from here on (set XLM_PEAK_FLOPS to the "
+                      f"hardware's peak, or delete a cached measurement to take it again)")
+            return {}
+        if mfu > 1:
+            if not self.mfu_noted and not self.quiet:
+                _line(f"pretrain: MFU is {mfu:.2f} at step {step} (HFU {hfu:.2f}): its model FLOPs count the "
+                      f"vocabulary head at every position, the MLM head runs only at the masked ones; train/mfu is "
+                      f"left out where above 1")
+            self.mfu_noted = True
+            return {"train/hfu": hfu}
+        return {"train/mfu": mfu, "train/hfu": hfu}
+
+    def warn(self, message: str) -> None:
+        """One line on stderr (the main process's), and into ``warnings``."""
+        self.warnings.append(message)
+        if not self.quiet:
+            _line(WARNING + message)
+
+    def _check(self, message: str | None) -> None:
+        if message:
+            self.warn(message)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time in this block is not training time: tokens/s (and its drop warning) leave it out."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.window_start += time.perf_counter() - start
 
     def log(self, kind: str, step: int, figures: dict[str, float]) -> None:
         for sink in self.sinks:
