@@ -39,6 +39,18 @@ def run_evaluate(root: Path, params_path: Path) -> dict:
                     root / "metrics" / "eval.json", root / "reports" / "eval.md", root / "reports" / "eval")
 
 
+def refused_keeping_outputs(params: Path, model: Path, shards: Path, out: Path) -> str:
+    """evaluate's one-line refusal; the previous eval.json beside it is untouched and nothing else is written."""
+    out.mkdir()
+    (out / "eval.json").write_text('{"previous": 1}\n')
+    with pytest.raises(PipelineError) as info:
+        evaluate(load_params("evaluate", params), model, shards, out / "eval.json", out / "eval.md", out / "plots")
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json"]
+    assert (out / "eval.json").read_text() == '{"previous": 1}\n'
+    return str(info.value)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalrun")
@@ -345,18 +357,9 @@ def test_bad_suite_is_one_clear_error_and_outputs_stay(tiny_run, tmp_path, probl
     data["evaluate"].update(retrieval=retrieval, classification=classification)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(data, allow_unicode=True))
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "eval.json").write_text('{"previous": 1}\n')
-    with pytest.raises(PipelineError) as info:
-        evaluate(load_params("evaluate", params), root / "model", root / "shards",
-                 out / "eval.json", out / "eval.md", out / "plots")
-    message = str(info.value)
-    assert "\n" not in message
+    message = refused_keeping_outputs(params, root / "model", root / "shards", tmp_path / "out")
     for fragment in fragments:
         assert fragment in message
-    assert (out / "eval.json").read_text() == '{"previous": 1}\n'
-    assert sorted(p.name for p in out.iterdir()) == ["eval.json"]
 
 
 def test_cli_reports_errors_in_one_line(tiny_run, tmp_path):
@@ -389,16 +392,8 @@ def test_an_empty_test_split_is_one_line_and_outputs_stay(tiny_run, tmp_path):
         pq.write_table(table.slice(0, 0), path)
     make_shards(load_params("shard", params_path), clean, root / "tokenizer", tmp_path / "shards",
                 tmp_path / "shard.json")
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "eval.json").write_text('{"previous": 1}\n')
-    with pytest.raises(PipelineError) as info:
-        evaluate(load_params("evaluate", params_path), root / "model", tmp_path / "shards",
-                 out / "eval.json", out / "eval.md", out / "plots")
-    assert "the test split holds no text in any language" in str(info.value)
-    assert "clean.split.test > 0" in str(info.value) and "\n" not in str(info.value)
-    assert sorted(p.name for p in out.iterdir()) == ["eval.json"]
-    assert (out / "eval.json").read_text() == '{"previous": 1}\n'
+    message = refused_keeping_outputs(params_path, root / "model", tmp_path / "shards", tmp_path / "out")
+    assert "the test split holds no text in any language" in message and "clean.split.test > 0" in message
 
 
 def test_the_perplexity_chart_survives_languages_without_figures(tmp_path):
