@@ -130,17 +130,28 @@ def pretrain(params: StageParams, shards_dir: Path, tokenizer_dir: Path, checkpo
             task, jobs, shards_dir / "valid", params.languages, seq_len=p.seq_len, batch_size=p.batch_size,
             max_batches=p.eval_batches, seed=p.seed, tokenizer=tokenizer, device=device, autocast_dtype=autocast_dtype)
 
+    # The unigram level as a flat reference line beside each validation curve (the languages' mean; per language
+    # it is in `xlm flow`'s validation table and in the final warning).
+    reference = {"valid/mlm_accuracy/unigram": sum(a for a, _ in floor.values()) / len(floor),
+                 "valid/mlm_loss/unigram": sum(math.log(q) for _, q in floor.values()) / len(floor)} if floor else {}
+
+    def log_validation(step: int, figures: dict[str, float]) -> None:
+        log.log("valid", step, {**{f"valid/{k}": v for k, v in figures.items()}, **reference})
+
     def validate_and_checkpoint(trainer_: Trainer, _result) -> None:
         step = trainer_.step
         with log.paused():   # not training time: tokens/s (and the warning when it halves) leave it out
             if step % p.eval_every == 0 or step == p.steps:
                 last_valid.update(validate_now())   # the same figures each time: the newest replace the last
-                log.log("valid", step, {f"valid/{k}": v for k, v in last_valid.items()})
+                log_validation(step, last_valid)
             if step % p.checkpoint_every == 0 or step == p.steps:
                 checkpoints.save(step)
 
     t0 = time.perf_counter()
     try:
+        if start_step == 0 and p.steps > 0:   # step 0: the random-init level each curve starts from
+            with log.paused():
+                log_validation(0, validate_now())
         trainer.fit(p.steps, hooks=[log, validate_and_checkpoint])
     except BaseException:
         log.close()   # the bar, DVCLive and the progress file end cleanly before the error line

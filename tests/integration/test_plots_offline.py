@@ -51,6 +51,7 @@ def write_training_curves(proj: Path, languages: list[str], pairs: list[str], sc
             for i, pair in enumerate(pairs):
                 figures[f"valid/tlm_loss/{pair}"] = scale * (4 * decay + 1.4 + 0.2 * i)
                 figures[f"valid/tlm_accuracy/{pair}"] = 0.25 * step / 400 + 0.02 * i
+            figures.update({"valid/mlm_loss/unigram": 5.9, "valid/mlm_accuracy/unigram": 0.08})   # flat references
             sink.log("valid", step, figures)
     sink.close()
 
