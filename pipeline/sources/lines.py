@@ -120,9 +120,9 @@ def _decode(raw: bytes, first_line: bool) -> Optional[str]:
 def _looks_like_utf16(first_line: bytes) -> bool:
     """A UTF-16 byte-order mark, or (none) a NUL in every other byte, as UTF-16 gives Latin text: such a file would
     otherwise be read as lines that all hold NUL bytes and be dropped line by line."""
-    if first_line.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return True
     sample = first_line[:200]
+    if first_line.startswith((b"\xff\xfe", b"\xfe\xff")):   # the mark, and a NUL (a space is 20 00 in UTF-16)
+        return b"\x00" in sample
     return len(sample) >= 8 and max(sample[0::2].count(0), sample[1::2].count(0)) >= 0.8 * (len(sample) // 2)
 
 

@@ -558,13 +558,17 @@ def test_dvc_repro_runs_the_clean_stage(dvc_project):
     def two_languages(p):
         p.update(languages=["en", "fr"], pairs=["en-fr"])
         p["clean"].update(split={"valid": 0.2, "test": 0.2})
+        # data/raw is written above, not downloaded; the source only has to be valid for the params check
+        p["download"]["sources"] = [{"name": "bible", "kind": "local", "format": "text", "parallel": True,
+                                     "languages": ["en", "fr"], "paths": {"en": "en.txt", "fr": "fr.txt"}}]
 
     write_params(proj, two_languages)
+    dvc(proj, "repro", "--single-item", "params")   # the stamp every stage depends on
     dvc(proj, "repro", "--single-item", "clean")
     assert (proj / "data" / "clean" / "para" / "valid.parquet").exists()
     metrics = json.loads((proj / "metrics" / "clean.json").read_text())
     assert metrics["pairs"]["en-fr"]["rows_in"] == 60
-    assert "clean.json" in dvc(proj, "metrics", "show").stdout
+    assert "clean.json" in dvc(proj, "metrics", "show", "metrics/clean.json").stdout
     write_params(proj, lambda p: p["clean"].update(min_chars=4))
     assert "clean" in json.loads(dvc(proj, "status", "--json", "clean").stdout or "{}")
 
