@@ -43,6 +43,9 @@ def disk_full_is_an_error(stage: str, target: str | os.PathLike, outcome: str | 
 def disk_full_message(stage: str, target: str | None, exc: BaseException, outcome: str | None = None) -> str:
     where = f" while writing {target}" if target else ""
     holding = "it" if target else "the stage's outputs"
+    if outcome is None and restore_hint(stage):   # under `dvc repro` the previous output is gone: run_cli says so
+        return f"disk full{where} ({disk_full_reason(exc)}); free space on the disk holding {holding} and rerun " \
+               f"`dvc repro {stage}`"
     if outcome is None:
         outcome = (f"the previous {target} is untouched" if target else
                    "outputs are renamed into place only when complete, so each is whole, the previous or the new "
@@ -95,8 +98,10 @@ def run_cli(stage: str, func: Callable[[], object]) -> int:
             raise
         _let_rank_zero_say_it()
         path, temporary = _written_path(exc)
-        print_error(stage, disk_full_message(stage, path, exc, None if temporary or path is None else
-                                             "files written in place there may be cut short; the rerun rewrites them"))
+        outcome = None if temporary or path is None else \
+            "files written in place there may be cut short; the rerun rewrites them"
+        print_error(stage, disk_full_message(stage, path, exc, outcome) + (restore_hint(stage) if outcome is None
+                                                                           else ""))
         return PipelineError.exit_code
     return 0
 
