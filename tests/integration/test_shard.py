@@ -255,7 +255,12 @@ def test_dvc_wiring(dvc_project, monkeypatch):
         data["languages"], data["pairs"] = ["en", "fr", "ru"], ["en-fr"]
         data["tokenizer"].update(vocab_size=100, character_coverage=1.0, max_sentences=1000)
         data["shard"].update(rows_per_shard=100, batch_rows=100)
+        # data/clean is written above, not downloaded; the source only has to be valid for the params check
+        data["download"]["sources"] = [{"name": "fixture", "kind": "local", "format": "text",
+                                        "languages": ["en", "fr", "ru"],
+                                        "paths": {"en": "en.txt", "fr": "fr.txt", "ru": "ru.txt"}}]
     write_params(proj, configure)
+    dvc(proj, "repro", "--single-item", "params")   # the stamp every stage depends on
     dvc(proj, "repro", "--single-item", "tokenizer")
     dvc(proj, "repro", "--single-item", "shard")
     assert (proj / "data" / "shards" / "train" / "manifest.json").is_file()
