@@ -56,7 +56,7 @@ def test_default_pipeline_end_to_end_and_what_an_edit_reruns(tmp_path):
         assert {"trained", "baseline"} <= set(evaluate["mlm_perplexity"][lang])
 
     plots = json.loads(dvc(proj, "plots", "show", "--json").stdout)["data"]   # dvc.yaml's top-level plots, by id
-    assert plots["train-loss"][0]["content"]["data"]["values"], sorted(plots)   # dvclive's train/loss.tsv
+    assert plots["train-loss"][0]["content"]["data"]["values"], sorted(plots)   # the objectives' losses
     html = tmp_path / "plots"
     dvc(proj, "plots", "show", "--out", str(html))
     page = (html / "index.html").read_text(encoding="utf-8")
