@@ -170,27 +170,35 @@ class ValidationTable:
 
 def render_validation(stage: str, step: int, total: int, figures: dict[str, float], unigram: dict[str, float],
                       previous: tuple[int, dict] | None) -> str:
-    """``valid/<metric>/<language or pair>`` figures as a markdown table: a row per metric, a column per key."""
-    rows: dict[str, dict[str, str]] = {}
-    columns: list[str] = []
+    """``valid/<metric>/<language or pair>`` figures as markdown: a table of languages, one of pairs (and one of
+    whole-model figures), a row per language or pair and a column per metric, so it stays narrow at any count."""
+    groups: dict[str, dict[str, dict[str, str]]] = {}    # "language" | "pair" | "model" -> key -> metric -> cell
+    metrics: dict[str, list[str]] = {}
     for name, value in figures.items():
+        if name.endswith("/unigram"):   # pretrain's reference line for the charts: here it is in every cell already
+            continue
         parts = name.split("/")[1:] if name.startswith("valid/") else name.split("/")
-        metric, column = parts[0], "/".join(parts[1:]) or "all"
-        if column not in columns:
-            columns.append(column)
+        metric, key = parts[0], "/".join(parts[1:]) or "all"
+        group = "model" if key == "all" else "pair" if "-" in key else "language"
+        if metric not in metrics.setdefault(group, []):
+            metrics[group].append(metric)
         before = previous[1].get(name) if previous else None
-        rows.setdefault(metric, {})[column] = _validation_cell(metric, value, unigram.get(name),
-                                                               before, previous[0] if previous else None)
+        groups.setdefault(group, {}).setdefault(key, {})[metric] = _validation_cell(
+            metric, value, unigram.get(name), before, previous[0] if previous else None)
     order = {"lower": "lower is better", "higher": "higher is better", None: ""}
-    lines = [f"### `{stage}` validation at step {step}/{total}", "",
-             "| metric | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for metric, cells in rows.items():
-        label = f"{metric} ({order[_better(metric)]})" if _better(metric) else metric
-        lines.append(f"| {label} | " + " | ".join(cells.get(c, "") for c in columns) + " |")
-    lines += ["", "Each cell: the trained model's figure, then in brackets the unigram level (the best context-free "
+    lines = [f"### `{stage}` validation at step {step}/{total}", ""]
+    for group in ("language", "pair", "model"):
+        if group not in groups:
+            continue
+        heads = [f"{m} ({order[_better(m)]})" if _better(m) else m for m in metrics[group]]
+        lines += ["| " + " | ".join([group, *heads]) + " |", "|---|" + "---|" * len(heads)]
+        for key, cells in groups[group].items():
+            lines.append("| " + " | ".join([key, *(cells.get(m, "") for m in metrics[group])]) + " |")
+        lines.append("")
+    lines += ["Each cell: the trained model's figure, then in brackets the unigram level (the best context-free "
               "guess at the same targets) where the record has it, else the previous evaluation's figure; "
               "better / worse compares the two."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(_split_wide_tables(lines)) + "\n"
 
 
 def _better(metric: str) -> str | None:

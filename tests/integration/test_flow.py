@@ -395,12 +395,12 @@ def test_cli_runs_named_stages_and_updates_the_progress_artifacts_live(first_run
     steps = [re.search(r"validation at step (\d+)/10", data).group(1) for _, data, _ in validation]
     assert len(set(steps)) >= 2 and steps == sorted(steps, key=int), steps       # updated at least twice, live
     table = next(a for a in artifacts("pretrain-validation") if a.id not in seen_before).data
-    assert "validation at step 10/10" in table and "| metric | en | fr | en-fr |" in table
+    assert "validation at step 10/10" in table and "| pair | tlm_loss (lower is better) |" in table
     loss = 3 / 10 ** 0.5
-    assert f"| mlm_loss (lower is better) | {loss:.4f} (unigram 1.2000) **better** |" in table
-    assert "| mlm_accuracy (higher is better) | 0.5000 (unigram 0.2000) **better** | 0.5000 (step 9: 0.4500) " \
-           "**better** |" in table                                               # no unigram for fr: the trend
-    assert "| tlm_loss (lower is better) |  |  | 0.4000 (step 9: 0.4444) **better** |" in table
+    assert "| language | mlm_loss (lower is better) | mlm_accuracy (higher is better) |" in table, table
+    assert f"| en | {loss:.4f} (unigram 1.2000) **better** | 0.5000 (unigram 0.2000) **better** |" in table, table
+    assert "| 0.5000 (step 9: 0.4500) **better** |" in table                   # no unigram for fr: the trend
+    assert "| en-fr | 0.4000 (step 9: 0.4444) **better** |" in table
 
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(final.flow_run_id)

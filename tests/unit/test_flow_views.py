@@ -96,20 +96,21 @@ def test_report_is_self_contained(tmp_path):
     assert self_contained_markdown(narrow, tmp_path) == narrow                       # a table that fits: as it was
 
 
-def test_validation_table_has_a_row_per_metric_and_a_column_per_language():
+def test_validation_table_has_a_row_per_language_or_pair_and_a_column_per_metric():
     figures = {"valid/mlm_loss/en": 3.2, "valid/mlm_accuracy/en": 0.3, "valid/mlm_loss/fr": 3.5,
                "valid/mlm_accuracy/fr": 0.2, "valid/tlm_loss/en-fr": 4.0, "valid/discriminator_accuracy": 0.4}
     table = render_validation("pretrain", 20, 100, figures, {"valid/mlm_loss/en": 4.0, "valid/mlm_accuracy/en": 0.35},
                               (10, {"valid/mlm_loss/fr": 3.9, "valid/tlm_loss/en-fr": 3.9}))
     lines = table.splitlines()
     assert lines[0] == "### `pretrain` validation at step 20/100"
-    assert lines[2:8] == [
-        "| metric | en | fr | en-fr | all |", "|---|---|---|---|---|",
-        "| mlm_loss (lower is better) | 3.2000 (unigram 4.0000) **better** | 3.5000 (step 10: 3.9000) **better** "
-        "|  |  |",
-        "| mlm_accuracy (higher is better) | 0.3000 (unigram 0.3500) worse | 0.2000 |  |  |",
-        "| tlm_loss (lower is better) |  |  | 4.0000 (step 10: 3.9000) worse |  |",
-        "| discriminator_accuracy (higher is better) |  |  |  | 0.4000 |"]
+    assert lines[2:15] == [
+        "| language | mlm_loss (lower is better) | mlm_accuracy (higher is better) |", "|---|---|---|",
+        "| en | 3.2000 (unigram 4.0000) **better** | 0.3000 (unigram 0.3500) worse |",
+        "| fr | 3.5000 (step 10: 3.9000) **better** | 0.2000 |", "",
+        "| pair | tlm_loss (lower is better) |", "|---|---|",
+        "| en-fr | 4.0000 (step 10: 3.9000) worse |", "",
+        "| model | discriminator_accuracy (higher is better) |", "|---|---|",
+        "| all | 0.4000 |", ""]
 
 
 def test_validation_records_carry_the_unigram_level_of_their_figures(tmp_path):
