@@ -108,23 +108,31 @@ def run_cli(stage: str, func: Callable[[], object]) -> int:
 
 def restore_hint(stage: str) -> str:
     """Under `dvc repro` (DVC sets DVC_STAGE), DVC deleted the stage's cached outputs before running it: say how to
-    get them back. Settings errors never get here (the params stage refuses them before DVC removes anything)."""
+    get them back. Settings errors never get here (the params stage refuses them before DVC removes anything).
+
+    Only when dvc.lock records an earlier run of the stage (else there is nothing to restore), and by path: `dvc
+    checkout <stage>` would also check out its persistent outputs (pretrain's checkpoints), which a failed run may
+    have changed on purpose.
+    """
     if os.environ.get("DVC_STAGE") != stage:
         return ""
+    root = Path(os.environ.get("DVC_ROOT", "."))
     try:
-        entry = yaml.safe_load((Path(os.environ.get("DVC_ROOT", ".")) / "dvc.yaml").read_text())["stages"][stage]
+        entry = yaml.safe_load((root / "dvc.yaml").read_text())["stages"][stage]
+        locked = yaml.safe_load((root / "dvc.lock").read_text())["stages"][stage]
+        recorded = {item["path"] for item in locked.get("outs") or []}
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         return ""
     removed = []
     for key in ("outs", "metrics", "plots"):
         for item in entry.get(key) or []:
             path, options = (item, {}) if isinstance(item, str) else next(iter(item.items()))
-            if not (options or {}).get("persist") and (options or {}).get("cache", True):
+            if not (options or {}).get("persist") and (options or {}).get("cache", True) and path in recorded:
                 removed.append(path)
     if not removed:
         return ""
-    return (f"; DVC removed the previous {', '.join(removed)} before running the stage: `dvc checkout {stage}` "
-            f"restores {'it' if len(removed) == 1 else 'them'}")
+    return (f"; DVC removed the previous {', '.join(removed)} before running the stage: `dvc checkout "
+            f"{' '.join(removed)}` restores {'it' if len(removed) == 1 else 'them'}")
 
 
 # How long a worker other than rank 0 waits before printing its error line (see _let_rank_zero_say_it), and how long

@@ -120,7 +120,7 @@ def pretrain(params: StageParams, shards_dir: Path, tokenizer_dir: Path, checkpo
         sink.set_unigram({name: value for lang, (accuracy, perplexity) in floor.items() for name, value in
                           ((f"valid/mlm_accuracy/{lang}", accuracy), (f"valid/mlm_loss/{lang}", math.log(perplexity)))})
     flops = model.flops_per_token(p.seq_len, projected_fraction=p.masking.rate)
-    log = TrainLog(sinks, p.log_every, p.steps, world, flops, peak.flops if peak else 0.0, row_length,
+    log = TrainLog(sinks, p.log_every, p.steps, world, flops, peak.flops * world if peak else 0.0, row_length,
                    peak_text=peak.describe() if peak else "", quiet=not is_main)
     jobs = validation_jobs(p.objectives, params.languages, pairs)
     last_valid: dict[str, float] = {}

@@ -76,10 +76,10 @@ def test_a_settings_error_stops_dvc_repro_before_any_output_is_removed(tmp_path)
     failed = dvc(proj, "repro", "pretrain", check=False)
     errors = [line for line in failed.stderr.splitlines() if line.startswith("error: [")]
     assert failed.returncode != 0 and len(errors) == 1 and errors[0].startswith("error: [pretrain]"), failed.stderr
-    assert "DVC removed the previous data/model before running the stage: `dvc checkout pretrain` restores it" \
+    assert "DVC removed the previous data/model before running the stage: `dvc checkout data/model` restores it" \
         in errors[0], errors
     assert not (proj / "data" / "model").exists()
-    dvc(proj, "checkout", "pretrain")
+    dvc(proj, "checkout", "data/model")
     assert {p.name: p.read_bytes() for p in (proj / "data" / "model").iterdir()} == model_before
 
 

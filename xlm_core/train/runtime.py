@@ -215,7 +215,8 @@ def cached_measurement(key: str, measure: Callable[[], float], cache_dir: Path |
     except (OSError, ValueError):
         entries = {}
     entry = entries.get(key)
-    if isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) and entry["flops"] > 0:
+    if isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) and math.isfinite(entry["flops"]) \
+            and entry["flops"] > 0:
         return float(entry["flops"]), f"cached in {path}"
     value = measure()
     entries[key] = {"flops": value, "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}

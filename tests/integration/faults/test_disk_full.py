@@ -96,7 +96,7 @@ def test_disk_full_under_dvc_repro_keeps_the_recorded_shards_and_reruns(finished
     # passed, records the new value of shard.rows_per_shard in its own entry)
     assert yaml.safe_load((proj / "dvc.lock").read_text())["stages"]["shard"] == \
         yaml.safe_load(lock_before)["stages"]["shard"]
-    assert "untouched" not in errors[0] and errors[0].endswith("`dvc checkout shard` restores it"), errors[0]
+    assert "untouched" not in errors[0] and errors[0].endswith("`dvc checkout data/shards` restores it"), errors[0]
 
     run([sys.executable, "-m", "dvc", "checkout", "data/shards"], proj)
     assert {p.relative_to(shards): p.read_bytes() for p in shards.rglob("*") if p.is_file()} == shards_before
