@@ -180,8 +180,14 @@ def _run_as_prefect_flow(stage: str, workers: int, body: Callable[[FanOut], T]) 
         from prefect.flow_engine import run_flow
         from prefect.states import Pending
 
-        with get_client(sync_client=True) as client:
-            flow_run = client.create_flow_run(stage_as_flow, parent_task_run_id=uuid.UUID(parent), state=Pending())
+        try:
+            with get_client(sync_client=True) as client:
+                flow_run = client.create_flow_run(stage_as_flow, parent_task_run_id=uuid.UUID(parent),
+                                                  state=Pending())
+        except Exception as exc:   # the server not yet knowing the task run (events lag), a bad id: run un-nested
+            print(f"{stage}: could not nest the units under task run {parent} ({type(exc).__name__}); they run as "
+                  f"a flow run of their own", file=sys.stderr, flush=True)
+            return stage_as_flow()
         return run_flow(stage_as_flow, flow_run=flow_run)
 
 

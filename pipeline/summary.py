@@ -27,6 +27,15 @@ SUMMARY_KEYS = {
 }
 
 
+def _mean(tree: dict, metric: str, model: str) -> Optional[float]:
+    """eval.json's mean over languages; with one language measured there is no mean entry, only that language."""
+    mean = _at(tree, metric, "mean", model)
+    if mean is not None:
+        return mean
+    values = [v for key in (tree.get(metric) or {}) if (v := _at(tree, metric, key, model)) is not None]
+    return values[0] if len(values) == 1 else None
+
+
 def _at(tree: dict, *path: str) -> Optional[float]:
     node: Any = tree
     for part in path:
@@ -50,12 +59,11 @@ def read_pretrain_metrics(path: Path) -> dict:
 
 
 def summarise(eval_metrics: dict, pretrain_metrics: dict) -> dict[str, Optional[float]]:
-    ppl, unigram = _at(eval_metrics, "mlm_perplexity", "mean", "trained"), \
-        _at(eval_metrics, "mlm_perplexity", "mean", "unigram")
+    ppl, unigram = _mean(eval_metrics, "mlm_perplexity", "trained"), _mean(eval_metrics, "mlm_perplexity", "unigram")
     seconds = _at(pretrain_metrics, "seconds")
     steps = _at(pretrain_metrics, "steps")
     values = {
-        "mlm_acc": _at(eval_metrics, "mlm_accuracy", "mean", "trained"),
+        "mlm_acc": _mean(eval_metrics, "mlm_accuracy", "trained"),
         "ppl": ppl,
         "ppl/uni": ppl / unigram if ppl is not None and unigram else None,
         "in_dom": _at(eval_metrics, "in_domain", "retrieval_mean", "trained"),
