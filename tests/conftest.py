@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.project import ROOT, run
+from tests.helpers.project import ROOT, new_git_dvc_repo
 
 
 @pytest.fixture
@@ -17,11 +16,7 @@ def dvc_project(tmp_path: Path):
     The test edits params.yaml (``write_params``) to point at fixture files it writes; `dvc` runs the stages with
     this checkout's code through PYTHONPATH, exactly as `dvc repro` runs them for a user.
     """
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    run(["git", "init", "-q"], proj)
-    run([sys.executable, "-m", "dvc", "init", "-q"], proj)
-    run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], proj)
+    proj = new_git_dvc_repo(tmp_path / "proj")
     shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
     shutil.copy(ROOT / "params.yaml", proj / "params.yaml")
     # dvc.yaml deps name the project's scripts; link the code in so DVC can hash them.

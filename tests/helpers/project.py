@@ -62,3 +62,12 @@ def set_dotted(mapping: dict, key: str, value) -> None:
     for part in parents:
         mapping = mapping.setdefault(part, {})
     mapping[last] = value
+
+
+def new_git_dvc_repo(proj: Path) -> Path:
+    """An empty git repository at ``proj`` with DVC initialised there (analytics off); returns ``proj``."""
+    proj.mkdir(parents=True)
+    run(["git", "init", "-q"], proj)
+    dvc(proj, "init", "-q")
+    dvc(proj, "config", "core.analytics", "false")
+    return proj

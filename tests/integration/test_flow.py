@@ -33,7 +33,7 @@ from prefect.logging.handlers import APILogHandler
 
 from pipeline import flow as xlm_flow
 from pipeline.errors import PipelineError
-from tests.helpers.project import ROOT, dvc, project_env, run, write_params
+from tests.helpers.project import ROOT, dvc, new_git_dvc_repo, project_env, run, write_params
 
 # ---------------------------------------------------------------------------------------------- the fixture pipeline
 STAGE_SCRIPT = textwrap.dedent('''
@@ -163,11 +163,7 @@ DVC_ORDER = ["download", "clean", "pretrain", "evaluate"]
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
     """The fixture pipeline in a fresh git + DVC repo, never run."""
-    proj = tmp_path_factory.mktemp("flow") / "template"
-    proj.mkdir()
-    run(["git", "init", "-q"], proj)
-    dvc(proj, "init", "-q")
-    dvc(proj, "config", "core.analytics", "false")
+    proj = new_git_dvc_repo(tmp_path_factory.mktemp("flow") / "template")
     (proj / "stage.py").write_text(STAGE_SCRIPT)
     (proj / "dvc.yaml").write_text(DVC_YAML)
     (proj / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False))

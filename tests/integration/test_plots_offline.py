@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers.project import ROOT, dvc, run
+from tests.helpers.project import ROOT, dvc, new_git_dvc_repo, run
 
 CHROMIUM = Path("/usr/bin/chromium")
 needs_chromium = pytest.mark.skipif(
@@ -76,10 +76,7 @@ def write_evaluation(proj: Path, languages: list[str], pairs: list[str]) -> None
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A committed git + DVC project holding one run's curves and evaluation, configured as this repository is."""
-    proj = tmp_path_factory.mktemp("plots") / "proj"
-    proj.mkdir()
-    run(["git", "init", "-q"], proj)
-    dvc(proj, "init", "-q")
+    proj = new_git_dvc_repo(tmp_path_factory.mktemp("plots") / "proj")
     shutil.copy(ROOT / ".dvc" / "config", proj / ".dvc" / "config")   # plots.html_template, as a user's clone has it
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(ROOT / name, proj / name)
